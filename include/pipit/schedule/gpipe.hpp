@@ -1,0 +1,30 @@
+#pragma once
+// GPipe (Huang et al., NeurIPS 2019): every rank runs all microbatches' forwards, then all their
+// (combined) backwards. Bubble (p - 1)(f + b); every rank keeps all m microbatches' activations
+// (re-materialization, in the runtime, trades that memory for recomputation).
+
+#include "pipit/schedule/plan.hpp"
+
+namespace pipit::schedule {
+
+struct gpipe {
+  static constexpr std::string_view name = "gpipe";
+  static constexpr placement place = placement::looped;
+  static constexpr bool split_backward = false;
+
+  static constexpr shape_rule check(const shape& s) noexcept {
+    if (const auto r = check_common(s); r != shape_rule::ok) return r;
+    return s.chunks == 1 ? shape_rule::ok : shape_rule::one_chunk;
+  }
+
+  static constexpr void generate(const shape& s, plan& out) {
+    for (int r = 0; r < s.stages; ++r) {
+      auto& acts = out.ranks[static_cast<std::size_t>(r)];
+      acts.reserve(2 * static_cast<std::size_t>(s.microbatches));
+      for (int mb = 0; mb < s.microbatches; ++mb) acts.push_back(make_action(op::forward, r, mb));
+      for (int mb = 0; mb < s.microbatches; ++mb) acts.push_back(make_action(op::backward, r, mb));
+    }
+  }
+};
+
+}  // namespace pipit::schedule
