@@ -1,0 +1,117 @@
+#pragma once
+// Lowering: adds a send and its matching receive for every dependency that crosses ranks.
+//
+// The plan is executed eagerly with unit durations; its events are replayed in time order. When a
+// pass that feeds another rank ends, its send is appended to its rank's list and the matching
+// receive to the consumer's list *at the same moment* (the rule PyTorch's pipelining lowering
+// follows: the sender places the receiver's receive). Every rank's list is therefore appended in one global order, and every
+// send/receive pair sits at the same point of that order on both sides. With blocking
+// point-to-point semantics — and with each step's run of consecutive communication actions
+// posted as one group that completes when all its partners are posted — every pair completes by
+// induction on that order: no order of arrival can deadlock. validate() checks this again.
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include "pipit/core/error.hpp"
+#include "pipit/schedule/dataflow.hpp"
+#include "pipit/schedule/plan.hpp"
+
+namespace pipit::schedule {
+
+constexpr plan lower(const plan& in) {
+  if (in.lowered) return in;
+  for (const auto& acts : in.ranks)
+    for (const action& a : acts)
+      if (is_communication(a.kind))
+        fail("pipit: lower(): plan '", in.schedule, "' is not lowered but contains ",
+             to_string(a));
+
+  const execution ex = execute(in, [](const action& a, int) {
+    return a.kind == op::backward ? 2.0 : 1.0;
+  });
+  if (!ex.complete)
+    fail("pipit: lower(): plan '", in.schedule, "' cannot execute: rank ", ex.stuck_rank,
+         " waits forever at action ", ex.stuck_index, " (",
+         to_string(in.ranks[static_cast<std::size_t>(ex.stuck_rank)]
+                          [static_cast<std::size_t>(ex.stuck_index)]),
+         "): a dependency cycle");
+
+  // Events of the unit-time execution: a compute pass is placed at its start, its send (and
+  // the matching receive) at its end. At equal times sends go first, so a pass starting exactly
+  // when its input arrives finds the receive before it; receives thus sit as late as possible.
+  struct event {
+    double time;
+    int kind;  // 0: communication at the end of a pass, 1: the pass itself at its start
+    int rank;
+    int index;
+  };
+  std::vector<event> events;
+  events.reserve(2 * in.action_count());
+  for (int r = 0; r < in.rank_count(); ++r)
+    for (std::size_t i = 0; i < in.ranks[static_cast<std::size_t>(r)].size(); ++i) {
+      events.push_back({ex.start[static_cast<std::size_t>(r)][i], 1, r, static_cast<int>(i)});
+      events.push_back({ex.end[static_cast<std::size_t>(r)][i], 0, r, static_cast<int>(i)});
+    }
+  std::sort(events.begin(), events.end(), [](const event& a, const event& b) {
+    if (a.time != b.time) return a.time < b.time;
+    if (a.kind != b.kind) return a.kind < b.kind;
+    if (a.rank != b.rank) return a.rank < b.rank;
+    return a.index < b.index;
+  });
+
+  plan out{in.schedule, in.shp, in.place, in.split_backward, true, {}};
+  out.ranks.resize(in.ranks.size());
+  for (std::size_t r = 0; r < in.ranks.size(); ++r) out.ranks[r].reserve(in.ranks[r].size() * 2);
+  const int last_stage = in.shp.virtual_stages() - 1;
+  for (const event& e : events) {
+    const action& a = in.ranks[static_cast<std::size_t>(e.rank)][static_cast<std::size_t>(e.index)];
+    auto& mine = out.ranks[static_cast<std::size_t>(e.rank)];
+    if (e.kind == 1) {
+      mine.push_back(a);
+      continue;
+    }
+    // The activation of F(s) feeds F(s + 1); the input gradient of B/BW(s) feeds B(s - 1).
+    if (a.kind == op::forward && a.stage < last_stage) {
+      const int to = in.rank_of(a.stage + 1);
+      if (to != e.rank) {
+        mine.push_back(make_action(op::send_forward, a.stage, a.microbatch, to));
+        out.ranks[static_cast<std::size_t>(to)].push_back(
+            make_action(op::recv_forward, a.stage + 1, a.microbatch, e.rank));
+      }
+    } else if ((a.kind == op::backward_input || a.kind == op::backward) && a.stage > 0) {
+      const int to = in.rank_of(a.stage - 1);
+      if (to != e.rank) {
+        mine.push_back(make_action(op::send_backward, a.stage, a.microbatch, to));
+        out.ranks[static_cast<std::size_t>(to)].push_back(
+            make_action(op::recv_backward, a.stage - 1, a.microbatch, e.rank));
+      }
+    }
+  }
+  return out;
+}
+
+// A rank's list cut into steps: a step is a compute action, or a maximal run of consecutive
+// communication actions, which an executor posts together (one NCCL group, one MPI Waitall).
+struct step {
+  std::size_t begin;
+  std::size_t end;
+  bool communication;
+};
+
+constexpr std::vector<step> steps_of(std::span<const action> acts) {
+  std::vector<step> out;
+  std::size_t i = 0;
+  while (i < acts.size()) {
+    std::size_t j = i + 1;
+    const bool comm = is_communication(acts[i].kind);
+    if (comm)
+      while (j < acts.size() && is_communication(acts[j].kind)) ++j;
+    out.push_back({i, j, comm});
+    i = j;
+  }
+  return out;
+}
+
+}  // namespace pipit::schedule

@@ -1,0 +1,269 @@
+#pragma once
+// validate(plan): proves a plan is executable and complete, or says which rule fails at which
+// action. Usable in static_assert and at run time.
+//
+// Rules, in the order they are checked:
+//   shape           the plan's shape is one some schedule accepts; one action list per rank
+//   range           stage and microbatch of every action are inside the shape
+//   placement       every action runs on the rank that holds its virtual stage
+//   unsupported     vocabulary/collective passes (placed by the vocabulary schedules, not yet)
+//   communication   an unlowered plan has no send/recv; a lowered one names the right peers
+//   duplicate       a pass appears twice for one (stage, microbatch)
+//   mixed-backward  a (stage, microbatch) has both a combined BW and a split B or W
+//   missing         a (stage, microbatch) lacks its F, or its backward (BW, or B and W)
+//   order           on its own rank a backward precedes its forward, or W precedes its B
+//   recv-before-use (lowered) a pass uses another rank's value it has not received yet
+//   send-after-produce (lowered) a value is sent before it is made, or sent/received twice
+//   unmatched       (lowered) a cross-rank dependency lacks its send or its receive
+//   cycle           (unlowered) the per-rank orders and the data dependencies form a cycle
+//   deadlock        (lowered) with blocking, grouped send/recv some rank waits forever
+
+#include <cstddef>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "pipit/schedule/dataflow.hpp"
+#include "pipit/schedule/lower.hpp"
+#include "pipit/schedule/plan.hpp"
+
+namespace pipit::schedule {
+
+struct validation {
+  bool ok = true;
+  std::string_view rule;  // empty when ok
+  int rank = -1;          // where the failure was found, -1 when not tied to one action
+  int index = -1;
+  action act{};
+  std::string_view detail;  // one more phrase about the failure
+
+  constexpr explicit operator bool() const noexcept { return ok; }
+};
+
+inline std::string to_string(const validation& v) {
+  if (v.ok) return "valid";
+  std::string s = detail::concat("invalid plan: rule '", v.rule, "'");
+  if (v.rank >= 0)
+    s += detail::concat(" at rank ", v.rank, " action ", v.index, " (", to_string(v.act), ")");
+  if (!v.detail.empty()) s += detail::concat(": ", v.detail);
+  return s;
+}
+
+namespace detail_validate {
+
+constexpr validation failure(std::string_view rule, int rank, int index, action a,
+                             std::string_view detail) {
+  return validation{false, rule, rank, index, a, detail};
+}
+
+// Deadlock check of a lowered plan under blocking, grouped point-to-point semantics: a rank
+// posts a step's communications together and leaves the step when every one of them has its
+// partner posted. Compute steps need nothing here (recv-before-use is checked statically).
+constexpr validation check_deadlock(const plan& p) {
+  const value_index idx(p.shp);
+  const int ranks = p.rank_count();
+  // posted[side][value]: the send (side 0) / receive (side 1) of this value has been posted.
+  std::vector<unsigned char> posted(2 * static_cast<std::size_t>(idx.size()), 0);
+  auto value_of = [&](const action& a) {  // the value a communication carries
+    switch (a.kind) {
+      case op::send_forward:
+        return idx(value_kind::activation, a.stage, a.microbatch);
+      case op::recv_forward:
+        return idx(value_kind::activation, a.stage - 1, a.microbatch);
+      case op::send_backward:
+        return idx(value_kind::input_grad, a.stage, a.microbatch);
+      default:  // recv_backward
+        return idx(value_kind::input_grad, a.stage + 1, a.microbatch);
+    }
+  };
+  std::vector<std::vector<step>> steps(static_cast<std::size_t>(ranks));
+  for (int r = 0; r < ranks; ++r) steps[static_cast<std::size_t>(r)] = steps_of(p.for_rank(r));
+  std::vector<std::size_t> at(static_cast<std::size_t>(ranks), 0);
+  std::vector<unsigned char> entered(static_cast<std::size_t>(ranks), 0);
+  bool progress = true;
+  while (progress) {
+    progress = false;
+    for (int r = 0; r < ranks; ++r) {
+      const auto ru = static_cast<std::size_t>(r);
+      const auto acts = p.for_rank(r);
+      while (at[ru] < steps[ru].size()) {
+        const step& st = steps[ru][at[ru]];
+        if (!st.communication) {
+          ++at[ru];
+          progress = true;
+          continue;
+        }
+        if (!entered[ru]) {  // post the whole group
+          for (std::size_t i = st.begin; i < st.end; ++i)
+            posted[(is_send(acts[i].kind) ? 0 : static_cast<std::size_t>(idx.size())) +
+                   static_cast<std::size_t>(value_of(acts[i]))] = 1;
+          entered[ru] = 1;
+          progress = true;
+        }
+        bool done = true;
+        for (std::size_t i = st.begin; i < st.end && done; ++i)
+          done = posted[(is_send(acts[i].kind) ? static_cast<std::size_t>(idx.size()) : 0) +
+                        static_cast<std::size_t>(value_of(acts[i]))] != 0;
+        if (!done) break;
+        entered[ru] = 0;
+        ++at[ru];
+        progress = true;
+      }
+    }
+  }
+  for (int r = 0; r < ranks; ++r) {
+    const auto ru = static_cast<std::size_t>(r);
+    if (at[ru] < steps[ru].size()) {
+      const std::size_t i = steps[ru][at[ru]].begin;
+      return failure("deadlock", r, static_cast<int>(i), p.for_rank(r)[i],
+                     "with blocking grouped send/recv this rank's step never completes");
+    }
+  }
+  return {};
+}
+
+}  // namespace detail_validate
+
+constexpr validation validate(const plan& p) {
+  using detail_validate::failure;
+  const shape& s = p.shp;
+  if (check_common(s) != shape_rule::ok || p.rank_count() != s.stages)
+    return failure("shape", -1, -1, {}, "bad shape, or not one action list per rank");
+  const value_index idx(s);
+  const int stages = s.virtual_stages();
+  // Per (stage, microbatch): how many F, B, W, BW were seen.
+  std::vector<unsigned char> count(4 * static_cast<std::size_t>(stages) * s.microbatches, 0);
+  auto counter = [&](op k, int stage, int mb) -> unsigned char& {
+    const int slot = k == op::forward ? 0 : k == op::backward_input ? 1 : k == op::backward_weight ? 2 : 3;
+    return count[(static_cast<std::size_t>(slot) * stages + stage) * s.microbatches + mb];
+  };
+  // Lowered bookkeeping: sends/receives seen per value (for matching).
+  // Each value has one producing rank and at most one receiving rank, so flat arrays suffice.
+  std::vector<unsigned char> sends, recvs, made;
+  if (p.lowered) {
+    sends.assign(static_cast<std::size_t>(idx.size()), 0);
+    recvs.assign(static_cast<std::size_t>(idx.size()), 0);
+    made.assign(static_cast<std::size_t>(idx.size()), 0);
+  }
+
+  for (int r = 0; r < p.rank_count(); ++r) {
+    const auto acts = p.for_rank(r);
+    for (std::size_t i = 0; i < acts.size(); ++i) {
+      const action& a = acts[i];
+      const int at = static_cast<int>(i);
+      if (a.stage < 0 || a.stage >= stages || a.microbatch < 0 || a.microbatch >= s.microbatches)
+        return failure("range", r, at, a, "stage or microbatch outside the shape");
+      if (a.kind == op::vocab_s || a.kind == op::vocab_t || a.kind == op::embed_forward ||
+          a.kind == op::embed_backward || a.kind == op::collective)
+        return failure("unsupported", r, at, a,
+                       "vocabulary and collective passes are not placed by these schedules");
+      if (is_communication(a.kind)) {
+        if (!p.lowered)
+          return failure("communication", r, at, a, "send/recv in a plan not marked lowered");
+        // The value carried, its producer's and consumer's stages.
+        const bool fwd = a.kind == op::send_forward || a.kind == op::recv_forward;
+        const int from = is_send(a.kind) ? a.stage : (fwd ? a.stage - 1 : a.stage + 1);
+        const int to = fwd ? from + 1 : from - 1;
+        if (from < 0 || from >= stages || to < 0 || to >= stages)
+          return failure("communication", r, at, a, "no such neighbouring stage");
+        const int self = is_send(a.kind) ? from : to;
+        const int other = is_send(a.kind) ? to : from;
+        if (p.rank_of(self) != r)
+          return failure("placement", r, at, a, "communication on a rank that does not hold the stage");
+        if (p.rank_of(other) != a.peer || a.peer == r)
+          return failure("communication", r, at, a, "wrong peer rank");
+        const int v = idx(fwd ? value_kind::activation : value_kind::input_grad, from, a.microbatch);
+        const auto vu = static_cast<std::size_t>(v);
+        if (is_send(a.kind)) {
+          if (!made[vu]) return failure("send-after-produce", r, at, a, "sent before it is made");
+          if (sends[vu]++) return failure("send-after-produce", r, at, a, "sent twice");
+        } else {
+          if (recvs[vu]++) return failure("send-after-produce", r, at, a, "received twice");
+        }
+        continue;
+      }
+      if (p.rank_of(a.stage) != r)
+        return failure("placement", r, at, a, "the pass runs on a rank that does not hold its stage");
+      if (counter(a.kind, a.stage, a.microbatch)++)
+        return failure("duplicate", r, at, a, "this pass appears twice");
+      // Same-rank order, and (lowered) inputs present before use.
+      for (const int v : inputs_of(a, idx)) {
+        if (v < 0) continue;
+        const int kind = v / (stages * s.microbatches);
+        const int stage = (v / s.microbatches) % stages;
+        if (p.rank_of(stage) == r || stage == a.stage) {
+          // Produced on this rank: it must come earlier in this list.
+          const bool seen = kind == 0 ? counter(op::forward, stage, a.microbatch) != 0
+                                      : (counter(op::backward_input, stage, a.microbatch) != 0 ||
+                                         counter(op::backward, stage, a.microbatch) != 0);
+          if (!seen) {
+            if (stage == a.stage)
+              return failure("order", r, at, a,
+                             a.kind == op::backward_weight ? "W before its B"
+                                                           : "backward before its forward");
+            if (p.lowered) return failure("recv-before-use", r, at, a, "local input not yet produced");
+          }
+        } else if (p.lowered && !recvs[static_cast<std::size_t>(v)]) {
+          return failure("recv-before-use", r, at, a, "uses another rank's value before receiving it");
+        }
+      }
+      if (p.lowered)
+        for (const int v : outputs_of(a, idx))
+          if (v >= 0) made[static_cast<std::size_t>(v)] = 1;
+    }
+  }
+
+  // Completeness: F once, and BW once or B and W once each, for every (stage, microbatch).
+  for (int st = 0; st < stages; ++st)
+    for (int mb = 0; mb < s.microbatches; ++mb) {
+      const action where = make_action(op::forward, st, mb);
+      const int r = p.rank_of(st);
+      const bool bw = counter(op::backward, st, mb) != 0;
+      const bool b = counter(op::backward_input, st, mb) != 0;
+      const bool w = counter(op::backward_weight, st, mb) != 0;
+      if (!counter(op::forward, st, mb)) return failure("missing", r, -1, where, "no forward");
+      if (bw && (b || w))
+        return failure("mixed-backward", r, -1, where, "both BW and a split B or W");
+      if (!bw && !(b && w))
+        return failure("missing", r, -1, where, "no complete backward (BW, or B and W)");
+    }
+
+  if (p.lowered) {
+    for (int st = 0; st < stages; ++st)
+      for (int mb = 0; mb < s.microbatches; ++mb) {
+        const auto check = [&](value_kind k, int to) -> validation {
+          if (to < 0 || to >= stages) return {};
+          const auto vu = static_cast<std::size_t>(idx(k, st, mb));
+          const bool cross = p.rank_of(st) != p.rank_of(to);
+          if (cross && (sends[vu] != 1 || recvs[vu] != 1))
+            return failure("unmatched", p.rank_of(st), -1,
+                           make_action(k == value_kind::activation ? op::send_forward
+                                                                   : op::send_backward,
+                                       st, mb),
+                           "a cross-rank dependency without exactly one send and one receive");
+          if (!cross && (sends[vu] || recvs[vu]))
+            return failure("communication", p.rank_of(st), -1,
+                           make_action(op::send_forward, st, mb), "send/recv within one rank");
+          return {};
+        };
+        if (auto v = check(value_kind::activation, st + 1); !v.ok) return v;
+        if (auto v = check(value_kind::input_grad, st - 1); !v.ok) return v;
+      }
+    return detail_validate::check_deadlock(p);
+  }
+
+  const execution ex = execute(p, [](const action&, int) { return 1.0; });
+  if (!ex.complete)
+    return failure("cycle", ex.stuck_rank, ex.stuck_index,
+                   p.for_rank(ex.stuck_rank)[static_cast<std::size_t>(ex.stuck_index)],
+                   "waits forever: the rank orders and the data dependencies form a cycle");
+  return {};
+}
+
+template <int Ranks, std::size_t Capacity>
+constexpr validation validate(const static_plan<Ranks, Capacity>& p) {
+  return validate(p.to_plan());
+}
+
+}  // namespace pipit::schedule

@@ -1,0 +1,131 @@
+#pragma once
+// Timed simulation of a plan: every action's start and end under the data dependencies and each
+// rank's order, then makespan, per-rank busy/idle time, bubble fraction and peak in-flight
+// activations. Works on unlowered and lowered plans alike (communication is modelled by the
+// latency on cross-rank dependencies).
+
+#include <algorithm>
+#include <cstddef>
+#include <vector>
+
+#include "pipit/core/error.hpp"
+#include "pipit/schedule/dataflow.hpp"
+#include "pipit/schedule/plan.hpp"
+#include "pipit/schedule/validate.hpp"
+#include "pipit/sim/costs.hpp"
+
+namespace pipit::sim {
+
+struct timed_action {
+  schedule::action act;
+  double start = 0;
+  double end = 0;
+};
+
+struct rank_stats {
+  double busy = 0;             // time spent in compute passes
+  double idle = 0;             // makespan - busy
+  double bubble_fraction = 0;  // idle / makespan
+  double peak_activations = 0; // max running sum of in-flight activations (see activation units)
+  double first_start = 0;      // start of the rank's first compute pass
+  double last_end = 0;         // end of its last compute pass
+};
+
+// Activation units: one microbatch's activations through one 1/stages slice of the model; a
+// chunk of a rank holding v chunks counts 1/v. F adds its share, BW frees it, B frees
+// costs.free_at_b of it and W the rest.
+struct result {
+  double makespan = 0;
+  double bubble_fraction = 0;  // 1 - total busy / (ranks * makespan)
+  std::vector<rank_stats> ranks;
+  std::vector<std::vector<timed_action>> timeline;  // per rank, compute actions only, in order
+};
+
+constexpr double duration(const schedule::action& a, const schedule::shape& s, const costs& c) {
+  using schedule::op;
+  double d = 0;
+  switch (a.kind) {
+    case op::forward:
+      d = c.f;
+      break;
+    case op::backward_input:
+      d = c.b;
+      break;
+    case op::backward_weight:
+      d = c.w;
+      break;
+    case op::backward:
+      d = c.b + c.w;
+      break;
+    default:
+      return 0;
+  }
+  d /= s.chunks;
+  if (!c.stage_scale.empty()) d *= c.stage_scale[static_cast<std::size_t>(a.stage)];
+  return d;
+}
+
+constexpr result simulate(const schedule::plan& p, const costs& c) {
+  if (const auto v = schedule::validate(p); !v.ok)
+    fail("pipit: simulate(): ", schedule::to_string(v));
+  if (!c.stage_scale.empty() && static_cast<int>(c.stage_scale.size()) != p.shp.virtual_stages())
+    fail("pipit: simulate(): costs.stage_scale has ", c.stage_scale.size(),
+         " entries but the plan has ", p.shp.virtual_stages(), " virtual stages");
+  if (c.f < 0 || c.b < 0 || c.w < 0 || c.comm < 0 || c.free_at_b < 0 || c.free_at_b > 1)
+    fail("pipit: simulate(): costs must be >= 0 and free_at_b in [0, 1] (f=", c.f, " b=", c.b,
+         " w=", c.w, " comm=", c.comm, " free_at_b=", c.free_at_b, ")");
+
+  const auto ex = schedule::execute(
+      p, [&](const schedule::action& a, int) { return duration(a, p.shp, c); }, c.comm);
+  result out;
+  out.ranks.resize(static_cast<std::size_t>(p.rank_count()));
+  out.timeline.resize(static_cast<std::size_t>(p.rank_count()));
+  const double share = 1.0 / p.shp.chunks;
+  double total_busy = 0;
+  for (int r = 0; r < p.rank_count(); ++r) {
+    const auto ru = static_cast<std::size_t>(r);
+    const auto acts = p.for_rank(r);
+    rank_stats& st = out.ranks[ru];
+    double live = 0;
+    bool first = true;
+    out.timeline[ru].reserve(acts.size());
+    for (std::size_t i = 0; i < acts.size(); ++i) {
+      const auto& a = acts[i];
+      if (!schedule::is_compute(a.kind)) continue;
+      const double s0 = ex.start[ru][i], e0 = ex.end[ru][i];
+      out.timeline[ru].push_back({a, s0, e0});
+      st.busy += e0 - s0;
+      if (first) st.first_start = s0;
+      first = false;
+      st.last_end = std::max(st.last_end, e0);
+      switch (a.kind) {
+        case schedule::op::forward:
+          live += share;
+          break;
+        case schedule::op::backward:
+          live -= share;
+          break;
+        case schedule::op::backward_input:
+          live -= share * c.free_at_b;
+          break;
+        case schedule::op::backward_weight:
+          live -= share * (1 - c.free_at_b);
+          break;
+        default:
+          break;
+      }
+      st.peak_activations = std::max(st.peak_activations, live);
+    }
+    out.makespan = std::max(out.makespan, st.last_end);
+    total_busy += st.busy;
+  }
+  for (auto& st : out.ranks) {
+    st.idle = out.makespan - st.busy;
+    st.bubble_fraction = out.makespan > 0 ? st.idle / out.makespan : 0;
+  }
+  out.bubble_fraction =
+      out.makespan > 0 ? 1 - total_busy / (p.rank_count() * out.makespan) : 0;
+  return out;
+}
+
+}  // namespace pipit::sim
