@@ -79,20 +79,29 @@ struct execution {
 // Duration: callable (const action&, int rank) -> double, for compute actions.
 // Communication actions of a lowered plan are zero-length markers: the dependencies they carry
 // are already modelled by the data dependencies (with `latency` across ranks).
-template <class Duration>
+// Timed = false only decides whether the plan can run to the end (validation): no times are
+// kept, which makes it several times faster on large plans.
+template <bool Timed = true, class Duration>
 constexpr execution execute(const plan& p, Duration&& duration, double latency = 0.0) {
   const value_index idx(p.shp);
   const int ranks = p.rank_count();
   execution ex;
-  ex.start.resize(static_cast<std::size_t>(ranks));
-  ex.end.resize(static_cast<std::size_t>(ranks));
-  for (int r = 0; r < ranks; ++r) {
-    ex.start[static_cast<std::size_t>(r)].assign(p.ranks[static_cast<std::size_t>(r)].size(), 0.0);
-    ex.end[static_cast<std::size_t>(r)].assign(p.ranks[static_cast<std::size_t>(r)].size(), 0.0);
+  if constexpr (Timed) {
+    ex.start.resize(static_cast<std::size_t>(ranks));
+    ex.end.resize(static_cast<std::size_t>(ranks));
+    for (int r = 0; r < ranks; ++r) {
+      ex.start[static_cast<std::size_t>(r)].resize(p.ranks[static_cast<std::size_t>(r)].size());
+      ex.end[static_cast<std::size_t>(r)].resize(p.ranks[static_cast<std::size_t>(r)].size());
+    }
   }
-  // ready[v] < 0: not produced yet. producer_rank[v]: where it was produced.
-  std::vector<double> ready(static_cast<std::size_t>(idx.size()), -1.0);
-  std::vector<int> producer_rank(static_cast<std::size_t>(idx.size()), -1);
+  // produced[v]: the value exists; ready[v], producer_rank[v]: when and where (Timed only).
+  std::vector<unsigned char> produced(static_cast<std::size_t>(idx.size()), 0);
+  std::vector<double> ready;
+  std::vector<int> producer_rank;
+  if constexpr (Timed) {
+    ready.resize(static_cast<std::size_t>(idx.size()));
+    producer_rank.resize(static_cast<std::size_t>(idx.size()));
+  }
   // Ranks blocked on a value wait in a per-value list (a rank waits on one value at a time).
   std::vector<int> waiters(static_cast<std::size_t>(idx.size()), -1);
   std::vector<int> next_waiter(static_cast<std::size_t>(ranks), -1);
@@ -115,31 +124,38 @@ constexpr execution execute(const plan& p, Duration&& duration, double latency =
         for (const int v : inputs_of(a, idx)) {
           if (v < 0) continue;
           const auto vu = static_cast<std::size_t>(v);
-          if (ready[vu] < 0) {
+          if (!produced[vu]) {
             blocked_on = v;
             break;
           }
-          t = std::max(t, ready[vu] + (producer_rank[vu] != r ? latency : 0.0));
+          if constexpr (Timed)
+            t = std::max(t, ready[vu] + (producer_rank[vu] != r ? latency : 0.0));
         }
         if (blocked_on >= 0) {
           next_waiter[ru] = waiters[static_cast<std::size_t>(blocked_on)];
           waiters[static_cast<std::size_t>(blocked_on)] = r;
           break;
         }
-        const double e = t + duration(a, r);
-        ex.start[ru][pos[ru]] = t;
-        ex.end[ru][pos[ru]] = e;
-        free_at[ru] = e;
+        double e = t;
+        if constexpr (Timed) {
+          e = t + duration(a, r);
+          ex.start[ru][pos[ru]] = t;
+          ex.end[ru][pos[ru]] = e;
+          free_at[ru] = e;
+        }
         for (const int v : outputs_of(a, idx)) {
           if (v < 0) continue;
           const auto vu = static_cast<std::size_t>(v);
-          ready[vu] = e;
-          producer_rank[vu] = r;
+          produced[vu] = 1;
+          if constexpr (Timed) {
+            ready[vu] = e;
+            producer_rank[vu] = r;
+          }
           for (int w = waiters[vu]; w >= 0; w = next_waiter[static_cast<std::size_t>(w)])
             work.push_back(w);
           waiters[vu] = -1;
         }
-      } else {
+      } else if constexpr (Timed) {
         ex.start[ru][pos[ru]] = t;
         ex.end[ru][pos[ru]] = t;
       }

@@ -132,11 +132,21 @@ constexpr validation validate(const plan& p) {
     return failure("shape", -1, -1, {}, "bad shape, or not one action list per rank");
   const value_index idx(s);
   const int stages = s.virtual_stages();
+  std::vector<int> rank_table(static_cast<std::size_t>(stages));
+  for (int st = 0; st < stages; ++st) rank_table[static_cast<std::size_t>(st)] = p.rank_of(st);
   // Per (stage, microbatch): how many F, B, W, BW were seen.
   std::vector<unsigned char> count(4 * static_cast<std::size_t>(stages) * s.microbatches, 0);
-  auto counter = [&](op k, int stage, int mb) -> unsigned char& {
-    const int slot = k == op::forward ? 0 : k == op::backward_input ? 1 : k == op::backward_weight ? 2 : 3;
-    return count[(static_cast<std::size_t>(slot) * stages + stage) * s.microbatches + mb];
+  const auto count_at = [&](int slot, int stage, int mb) {  // slot: 0 F, 1 B, 2 W, 3 BW
+    return (static_cast<std::size_t>(slot) * stages + static_cast<std::size_t>(stage)) *
+               static_cast<std::size_t>(s.microbatches) +
+           static_cast<std::size_t>(mb);
+  };
+  const auto counter = [&](op k, int stage, int mb) -> unsigned char& {
+    const int slot = k == op::forward           ? 0
+                     : k == op::backward_input  ? 1
+                     : k == op::backward_weight ? 2
+                                                : 3;
+    return count[count_at(slot, stage, mb)];
   };
   // Lowered bookkeeping: sends/receives seen per value (for matching).
   // Each value has one producing rank and at most one receiving rank, so flat arrays suffice.
@@ -183,31 +193,47 @@ constexpr validation validate(const plan& p) {
         }
         continue;
       }
-      if (p.rank_of(a.stage) != r)
-        return failure("placement", r, at, a, "the pass runs on a rank that does not hold its stage");
+      if (rank_table[static_cast<std::size_t>(a.stage)] != r)
+        return failure("placement", r, at, a,
+                       "the pass runs on a rank that does not hold its stage");
       if (counter(a.kind, a.stage, a.microbatch)++)
         return failure("duplicate", r, at, a, "this pass appears twice");
-      // Same-rank order, and (lowered) inputs present before use.
-      for (const int v : inputs_of(a, idx)) {
-        if (v < 0) continue;
-        const int kind = v / (stages * s.microbatches);
-        const int stage = (v / s.microbatches) % stages;
-        if (p.rank_of(stage) == r || stage == a.stage) {
-          // Produced on this rank: it must come earlier in this list.
-          const bool seen = kind == 0 ? counter(op::forward, stage, a.microbatch) != 0
-                                      : (counter(op::backward_input, stage, a.microbatch) != 0 ||
-                                         counter(op::backward, stage, a.microbatch) != 0);
-          if (!seen) {
-            if (stage == a.stage)
-              return failure("order", r, at, a,
-                             a.kind == op::backward_weight ? "W before its B"
-                                                           : "backward before its forward");
-            if (p.lowered) return failure("recv-before-use", r, at, a, "local input not yet produced");
-          }
-        } else if (p.lowered && !recvs[static_cast<std::size_t>(v)]) {
-          return failure("recv-before-use", r, at, a, "uses another rank's value before receiving it");
+      // Same-rank order, and (lowered) inputs present before use. The inputs are those of
+      // inputs_of(), spelled out per kind so that no index has to be decoded; the check returns
+      // a code so that the common, passing case builds no validation object.
+      enum : int { fine, out_of_order, local_missing, not_received };
+      const auto input = [&](value_kind k, int stage) -> int {
+        if (stage < 0 || stage >= stages) return fine;
+        if (rank_table[static_cast<std::size_t>(stage)] == r) {  // produced here: must be earlier
+          const bool seen = k == value_kind::activation
+                                ? count[count_at(0, stage, a.microbatch)] != 0
+                                : (count[count_at(1, stage, a.microbatch)] |
+                                   count[count_at(3, stage, a.microbatch)]) != 0;
+          if (seen) return fine;
+          return stage == a.stage ? out_of_order : p.lowered ? local_missing : fine;
         }
+        return p.lowered && !recvs[static_cast<std::size_t>(idx(k, stage, a.microbatch))]
+                   ? not_received
+                   : fine;
+      };
+      int bad = fine;
+      if (a.kind == op::forward) {
+        bad = input(value_kind::activation, a.stage - 1);
+      } else if (a.kind == op::backward_weight) {
+        bad = input(value_kind::input_grad, a.stage);
+      } else {  // B or BW
+        bad = input(value_kind::activation, a.stage);
+        if (bad == fine) bad = input(value_kind::input_grad, a.stage + 1);
       }
+      if (bad == out_of_order)
+        return failure(
+            "order", r, at, a,
+            a.kind == op::backward_weight ? "W before its B" : "backward before its forward");
+      if (bad == local_missing)
+        return failure("recv-before-use", r, at, a, "local input not yet produced");
+      if (bad == not_received)
+        return failure("recv-before-use", r, at, a,
+                       "uses another rank's value before receiving it");
       if (p.lowered)
         for (const int v : outputs_of(a, idx))
           if (v >= 0) made[static_cast<std::size_t>(v)] = 1;
@@ -253,7 +279,7 @@ constexpr validation validate(const plan& p) {
     return detail_validate::check_deadlock(p);
   }
 
-  const execution ex = execute(p, [](const action&, int) { return 1.0; });
+  const execution ex = execute<false>(p, [](const action&, int) { return 1.0; });
   if (!ex.complete)
     return failure("cycle", ex.stuck_rank, ex.stuck_index,
                    p.for_rank(ex.stuck_rank)[static_cast<std::size_t>(ex.stuck_index)],
