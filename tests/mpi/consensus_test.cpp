@@ -56,7 +56,8 @@ int main(int argc, char* argv[]) {
   const int failures = Catch::Session().run(argc, argv);
   int total = 0;
   MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world_rank() == 0) std::printf("mpi: %d rank(s), %d failed assertion(s) in all\n", world_size(), total);
+  if (world_rank() == 0)
+    std::printf("mpi: %d rank(s), %d failed assertion(s) in all\n", world_size(), total);
   MPI_Finalize();
   return failures == 0 ? 0 : 1;
 }

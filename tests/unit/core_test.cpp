@@ -60,14 +60,16 @@ constexpr pipit::fixed_vector<int, 8> squares(int n) {
 }
 }  // namespace
 
-TEST_CASE("fixed_vector works in constant expressions and at run time alike", "[core][fixed_vector]") {
+TEST_CASE("fixed_vector works in constant expressions and at run time alike",
+          "[core][fixed_vector]") {
   constexpr auto at_compile_time = squares(5);
   STATIC_REQUIRE(at_compile_time.size() == 5);
   STATIC_REQUIRE(at_compile_time[4] == 16);
   const int n = static_cast<int>(std::string("12345").size());  // not a constant
   const auto at_run_time = squares(n);
   CHECK(at_run_time == at_compile_time);
-  CHECK(std::vector<int>(at_run_time.begin(), at_run_time.end()) == std::vector<int>{0, 1, 4, 9, 16});
+  CHECK(std::vector<int>(at_run_time.begin(), at_run_time.end()) ==
+        std::vector<int>{0, 1, 4, 9, 16});
 
   auto v = at_run_time;
   v.pop_back();

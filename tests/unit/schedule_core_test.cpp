@@ -90,8 +90,8 @@ TEST_CASE("latency delays every cross-rank dependency", "[schedule][sim]") {
       simulate(make_plan<one_f_one_b>(shape{p, m, 1}), {.f = 1, .b = 2, .w = 0, .comm = 0.25});
   CHECK(slow.makespan > base.makespan);
   // Lowering adds no time: communication is already the latency on the dependency.
-  const auto lowered =
-      simulate(lower(make_plan<one_f_one_b>(shape{p, m, 1})), {.f = 1, .b = 2, .w = 0, .comm = 0.25});
+  const auto lowered = simulate(lower(make_plan<one_f_one_b>(shape{p, m, 1})),
+                                {.f = 1, .b = 2, .w = 0, .comm = 0.25});
   CHECK(lowered.makespan == Approx(slow.makespan));
   // Per-stage scale: a last stage twice as slow stretches the steady state.
   costs c{.f = 1, .b = 2, .w = 0};
@@ -125,8 +125,8 @@ TEST_CASE("refused shapes name the schedule, the rule and the values", "[schedul
                         Catch::Contains("stages=0, microbatches=4, chunks=1"));
   CHECK_THROWS_WITH(make_plan<gpipe>(shape{2, 0, 1}),
                     Catch::Contains("shape.microbatches must be >= 1"));
-  CHECK_THROWS_WITH(make_plan<gpipe>(shape{2, 4, 3}), Catch::Contains("chunks must be 1") &&
-                                                          Catch::Contains("chunks=3"));
+  CHECK_THROWS_WITH(make_plan<gpipe>(shape{2, 4, 3}),
+                    Catch::Contains("chunks must be 1") && Catch::Contains("chunks=3"));
   CHECK_THROWS_AS(make_plan<gpipe>(shape{4096, 4096, 1}), pipit::error);
 }
 

@@ -22,7 +22,8 @@ inline void mpi_require_all(MPI_Comm comm, bool local_ok, std::string_view what)
   PIPIT_MPI_CHECK(MPI_Allgather(&mine, 1, MPI_INT, oks.data(), 1, MPI_INT, comm));
   std::string failed;
   for (int r = 0; r < size; ++r)
-    if (!oks[static_cast<std::size_t>(r)]) failed += (failed.empty() ? "" : ", ") + std::to_string(r);
+    if (!oks[static_cast<std::size_t>(r)])
+      failed += (failed.empty() ? "" : ", ") + std::to_string(r);
   if (!failed.empty())
     fail("pipit: ", what, " failed on rank(s) ", failed, " of ", size, " in this communicator");
 }

@@ -35,7 +35,7 @@ template <class... Args>
 
 // Checks a run-time condition; on failure throws pipit::error naming the condition and the
 // streamed context, e.g. PIPIT_REQUIRE(m >= p, "microbatches (", m, ") < stages (", p, ")").
-#define PIPIT_REQUIRE(cond, ...)                                                       \
-  do {                                                                                 \
+#define PIPIT_REQUIRE(cond, ...)                                                        \
+  do {                                                                                  \
     if (!(cond)) ::pipit::fail("pipit: requirement `" #cond "` failed: ", __VA_ARGS__); \
   } while (false)

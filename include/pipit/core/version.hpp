@@ -6,7 +6,8 @@
 #define PIPIT_VERSION_MINOR 1
 #define PIPIT_VERSION_PATCH 0
 // One comparable integer: major * 10000 + minor * 100 + patch.
-#define PIPIT_VERSION (PIPIT_VERSION_MAJOR * 10000 + PIPIT_VERSION_MINOR * 100 + PIPIT_VERSION_PATCH)
+#define PIPIT_VERSION \
+  (PIPIT_VERSION_MAJOR * 10000 + PIPIT_VERSION_MINOR * 100 + PIPIT_VERSION_PATCH)
 
 namespace pipit {
 inline constexpr int version_major = PIPIT_VERSION_MAJOR;

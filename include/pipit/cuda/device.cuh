@@ -19,7 +19,9 @@ inline int device_count() noexcept {
   return n;
 }
 
-inline bool has_device() noexcept { return device_count() > 0; }
+inline bool has_device() noexcept {
+  return device_count() > 0;
+}
 
 // Compute capability of `device` as major * 10 + minor (90 for Hopper).
 inline int compute_capability(int device) {

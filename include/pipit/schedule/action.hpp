@@ -32,12 +32,22 @@ inline constexpr int op_count = 13;
 inline constexpr std::string_view op_names[op_count] = {"F",  "B",  "W",  "BW", "S",  "T", "IF",
                                                         "IB", "SF", "RF", "SB", "RB", "C"};
 
-constexpr std::string_view name(op o) noexcept { return op_names[static_cast<int>(o)]; }
+constexpr std::string_view name(op o) noexcept {
+  return op_names[static_cast<int>(o)];
+}
 
-constexpr bool is_compute(op o) noexcept { return o <= op::embed_backward; }
-constexpr bool is_communication(op o) noexcept { return !is_compute(o); }
-constexpr bool is_send(op o) noexcept { return o == op::send_forward || o == op::send_backward; }
-constexpr bool is_recv(op o) noexcept { return o == op::recv_forward || o == op::recv_backward; }
+constexpr bool is_compute(op o) noexcept {
+  return o <= op::embed_backward;
+}
+constexpr bool is_communication(op o) noexcept {
+  return !is_compute(o);
+}
+constexpr bool is_send(op o) noexcept {
+  return o == op::send_forward || o == op::send_backward;
+}
+constexpr bool is_recv(op o) noexcept {
+  return o == op::recv_forward || o == op::recv_backward;
+}
 constexpr bool is_backward(op o) noexcept {
   return o == op::backward_input || o == op::backward || o == op::backward_weight;
 }

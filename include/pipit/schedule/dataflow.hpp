@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <vector>
 
+#include "pipit/core/filled.hpp"
 #include "pipit/schedule/plan.hpp"
 
 namespace pipit::schedule {
@@ -90,23 +91,26 @@ constexpr execution execute(const plan& p, Duration&& duration, double latency =
     ex.start.resize(static_cast<std::size_t>(ranks));
     ex.end.resize(static_cast<std::size_t>(ranks));
     for (int r = 0; r < ranks; ++r) {
-      ex.start[static_cast<std::size_t>(r)].resize(p.ranks[static_cast<std::size_t>(r)].size());
-      ex.end[static_cast<std::size_t>(r)].resize(p.ranks[static_cast<std::size_t>(r)].size());
+      ex.start[static_cast<std::size_t>(r)] =
+          filled(p.ranks[static_cast<std::size_t>(r)].size(), 0.0);
+      ex.end[static_cast<std::size_t>(r)] =
+          filled(p.ranks[static_cast<std::size_t>(r)].size(), 0.0);
     }
   }
   // produced[v]: the value exists; ready[v], producer_rank[v]: when and where (Timed only).
-  std::vector<unsigned char> produced(static_cast<std::size_t>(idx.size()), 0);
+  std::vector<unsigned char> produced =
+      filled<unsigned char>(static_cast<std::size_t>(idx.size()), 0);
   std::vector<double> ready;
   std::vector<int> producer_rank;
   if constexpr (Timed) {
-    ready.resize(static_cast<std::size_t>(idx.size()));
-    producer_rank.resize(static_cast<std::size_t>(idx.size()));
+    ready = filled(static_cast<std::size_t>(idx.size()), 0.0);
+    producer_rank = filled(static_cast<std::size_t>(idx.size()), -1);
   }
   // Ranks blocked on a value wait in a per-value list (a rank waits on one value at a time).
-  std::vector<int> waiters(static_cast<std::size_t>(idx.size()), -1);
-  std::vector<int> next_waiter(static_cast<std::size_t>(ranks), -1);
-  std::vector<std::size_t> pos(static_cast<std::size_t>(ranks), 0);
-  std::vector<double> free_at(static_cast<std::size_t>(ranks), 0.0);
+  std::vector<int> waiters = filled(static_cast<std::size_t>(idx.size()), -1);
+  std::vector<int> next_waiter = filled(static_cast<std::size_t>(ranks), -1);
+  std::vector<std::size_t> pos = filled<std::size_t>(static_cast<std::size_t>(ranks), 0);
+  std::vector<double> free_at = filled(static_cast<std::size_t>(ranks), 0.0);
   std::vector<int> work;
   work.reserve(static_cast<std::size_t>(ranks));
   for (int r = ranks - 1; r >= 0; --r) work.push_back(r);

@@ -4,17 +4,19 @@
 // The plan is executed eagerly with unit durations; its events are replayed in time order. When a
 // pass that feeds another rank ends, its send is appended to its rank's list and the matching
 // receive to the consumer's list *at the same moment* (the rule PyTorch's pipelining lowering
-// follows: the sender places the receiver's receive). Every rank's list is therefore appended in one global order, and every
-// send/receive pair sits at the same point of that order on both sides. With blocking
-// point-to-point semantics — and with each step's run of consecutive communication actions
-// posted as one group that completes when all its partners are posted — every pair completes by
-// induction on that order: no order of arrival can deadlock. validate() checks this again.
+// follows: the sender places the receiver's receive). Every rank's list is therefore appended in
+// one global order, and every send/receive pair sits at the same point of that order on both sides.
+// With blocking point-to-point semantics — and with each step's run of consecutive communication
+// actions posted as one group that completes when all its partners are posted — every pair
+// completes by induction on that order: no order of arrival can deadlock. validate() checks this
+// again.
 
 #include <algorithm>
 #include <cstddef>
 #include <vector>
 
 #include "pipit/core/error.hpp"
+#include "pipit/core/filled.hpp"
 #include "pipit/schedule/dataflow.hpp"
 #include "pipit/schedule/plan.hpp"
 
@@ -25,41 +27,59 @@ constexpr plan lower(const plan& in) {
   for (const auto& acts : in.ranks)
     for (const action& a : acts)
       if (is_communication(a.kind))
-        fail("pipit: lower(): plan '", in.schedule, "' is not lowered but contains ",
-             to_string(a));
+        fail("pipit: lower(): plan '", in.schedule, "' is not lowered but contains ", to_string(a));
 
-  const execution ex = execute(in, [](const action& a, int) {
-    return a.kind == op::backward ? 2.0 : 1.0;
-  });
+  const execution ex =
+      execute(in, [](const action& a, int) { return a.kind == op::backward ? 2.0 : 1.0; });
   if (!ex.complete)
     fail("pipit: lower(): plan '", in.schedule, "' cannot execute: rank ", ex.stuck_rank,
          " waits forever at action ", ex.stuck_index, " (",
          to_string(in.ranks[static_cast<std::size_t>(ex.stuck_rank)]
-                          [static_cast<std::size_t>(ex.stuck_index)]),
+                           [static_cast<std::size_t>(ex.stuck_index)]),
          "): a dependency cycle");
 
   // Events of the unit-time execution: a compute pass is placed at its start, its send (and
   // the matching receive) at its end. At equal times sends go first, so a pass starting exactly
   // when its input arrives finds the receive before it; receives thus sit as late as possible.
+  // Each rank's events (start 0, end 0, start 1, ...) are already in that order, so a heap
+  // merges the ranks' streams in O(actions log ranks).
   struct event {
     double time;
     int kind;  // 0: communication at the end of a pass, 1: the pass itself at its start
     int rank;
     int index;
   };
+  const auto later = [](const event& a, const event& b) {  // heap order: earliest on top
+    if (a.time != b.time) return a.time > b.time;
+    if (a.kind != b.kind) return a.kind > b.kind;
+    if (a.rank != b.rank) return a.rank > b.rank;
+    return a.index > b.index;
+  };
+  const auto event_of = [&](int r, std::size_t k) {  // k-th event of rank r
+    const auto ru = static_cast<std::size_t>(r);
+    return k % 2 == 0 ? event{ex.start[ru][k / 2], 1, r, static_cast<int>(k / 2)}
+                      : event{ex.end[ru][k / 2], 0, r, static_cast<int>(k / 2)};
+  };
+  std::vector<event> heap;
+  std::vector<std::size_t> next = filled<std::size_t>(in.ranks.size(), 0);
+  for (int r = 0; r < in.rank_count(); ++r)
+    if (!in.ranks[static_cast<std::size_t>(r)].empty()) {
+      heap.push_back(event_of(r, 0));
+      std::push_heap(heap.begin(), heap.end(), later);
+    }
   std::vector<event> events;
   events.reserve(2 * in.action_count());
-  for (int r = 0; r < in.rank_count(); ++r)
-    for (std::size_t i = 0; i < in.ranks[static_cast<std::size_t>(r)].size(); ++i) {
-      events.push_back({ex.start[static_cast<std::size_t>(r)][i], 1, r, static_cast<int>(i)});
-      events.push_back({ex.end[static_cast<std::size_t>(r)][i], 0, r, static_cast<int>(i)});
+  while (!heap.empty()) {
+    std::pop_heap(heap.begin(), heap.end(), later);
+    const event e = heap.back();
+    heap.pop_back();
+    events.push_back(e);
+    const auto ru = static_cast<std::size_t>(e.rank);
+    if (++next[ru] < 2 * in.ranks[ru].size()) {
+      heap.push_back(event_of(e.rank, next[ru]));
+      std::push_heap(heap.begin(), heap.end(), later);
     }
-  std::sort(events.begin(), events.end(), [](const event& a, const event& b) {
-    if (a.time != b.time) return a.time < b.time;
-    if (a.kind != b.kind) return a.kind < b.kind;
-    if (a.rank != b.rank) return a.rank < b.rank;
-    return a.index < b.index;
-  });
+  }
 
   plan out{in.schedule, in.shp, in.place, in.split_backward, true, {}};
   out.ranks.resize(in.ranks.size());

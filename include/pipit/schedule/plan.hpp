@@ -26,7 +26,9 @@ struct plan {
   std::vector<std::vector<action>> ranks;
 
   constexpr int rank_count() const noexcept { return static_cast<int>(ranks.size()); }
-  constexpr std::span<const action> for_rank(int r) const { return ranks.at(static_cast<std::size_t>(r)); }
+  constexpr std::span<const action> for_rank(int r) const {
+    return ranks.at(static_cast<std::size_t>(r));
+  }
   constexpr int rank_of(int stage) const noexcept { return schedule::rank_of(place, shp, stage); }
   constexpr std::size_t action_count() const noexcept {
     std::size_t n = 0;
@@ -46,7 +48,7 @@ concept schedule_policy = requires(const shape& s, plan& out) {
   { S::place } -> std::convertible_to<placement>;
   { S::split_backward } -> std::convertible_to<bool>;
   { S::check(s) } -> std::same_as<shape_rule>;
-  { S::generate(s, out) };
+  {S::generate(s, out)};
 };
 
 // Run-time (and transient constexpr) generation. Throws pipit::error for a refused shape.

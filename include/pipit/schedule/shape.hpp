@@ -45,19 +45,19 @@ constexpr int stage_of(placement pl, const shape& s, int rank, int chunk) noexce
 
 // Every reason a generator may refuse a shape. One list feeds the run-time messages
 // (shape_rule_text) and the compile-time static_asserts (make_plan), so they cannot drift.
-#define PIPIT_SCHEDULE_SHAPE_RULES(X)                                                            \
-  X(stages_at_least_1, "shape.stages must be >= 1")                                              \
-  X(microbatches_at_least_1, "shape.microbatches must be >= 1")                                  \
-  X(chunks_at_least_1, "shape.chunks must be >= 1")                                              \
-  X(one_chunk, "this schedule keeps one model chunk per rank: shape.chunks must be 1")           \
-  X(two_chunks, "V-shaped schedules place exactly two chunks per rank: shape.chunks must be 2")  \
-  X(interleaved_microbatches_at_least_stages,                                                    \
-    "interleaved 1F1B needs shape.microbatches >= shape.stages (Megatron's group rule)")         \
-  X(interleaved_group_size,                                                                      \
-    "interleaved 1F1B's microbatch group G needs stages <= G <= microbatches and "               \
-    "microbatches % G == 0 or >= stages (Megatron's group rule)")                                \
-  X(dualpipe_microbatches_at_least_twice_stages,                                                 \
-    "DualPipeV needs shape.microbatches >= 2 * shape.stages")                                    \
+#define PIPIT_SCHEDULE_SHAPE_RULES(X)                                                           \
+  X(stages_at_least_1, "shape.stages must be >= 1")                                             \
+  X(microbatches_at_least_1, "shape.microbatches must be >= 1")                                 \
+  X(chunks_at_least_1, "shape.chunks must be >= 1")                                             \
+  X(one_chunk, "this schedule keeps one model chunk per rank: shape.chunks must be 1")          \
+  X(two_chunks, "V-shaped schedules place exactly two chunks per rank: shape.chunks must be 2") \
+  X(interleaved_microbatches_at_least_stages,                                                   \
+    "interleaved 1F1B needs shape.microbatches >= shape.stages (Megatron's group rule)")        \
+  X(interleaved_group_size,                                                                     \
+    "interleaved 1F1B's microbatch group G needs stages <= G <= microbatches and "              \
+    "microbatches % G == 0 or >= stages (Megatron's group rule)")                               \
+  X(dualpipe_microbatches_at_least_twice_stages,                                                \
+    "DualPipeV needs shape.microbatches >= 2 * shape.stages")                                   \
   X(too_large, "shape too large: stages * chunks * microbatches must stay below 2^22")
 
 enum class shape_rule {
@@ -98,8 +98,7 @@ inline std::string to_string(const shape& s) {
 // Throws pipit::error naming the schedule, the rule and the shape's values.
 inline void require_shape(std::string_view schedule, const shape& s, shape_rule r) {
   if (r != shape_rule::ok)
-    fail("pipit: schedule '", schedule, "' refuses shape ", to_string(s), ": ",
-         shape_rule_text(r));
+    fail("pipit: schedule '", schedule, "' refuses shape ", to_string(s), ": ", shape_rule_text(r));
 }
 
 }  // namespace pipit::schedule

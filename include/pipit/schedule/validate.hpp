@@ -24,6 +24,7 @@
 #include <string_view>
 #include <vector>
 
+#include "pipit/core/filled.hpp"
 #include "pipit/schedule/dataflow.hpp"
 #include "pipit/schedule/lower.hpp"
 #include "pipit/schedule/plan.hpp"
@@ -64,7 +65,8 @@ constexpr validation check_deadlock(const plan& p) {
   const value_index idx(p.shp);
   const int ranks = p.rank_count();
   // posted[side][value]: the send (side 0) / receive (side 1) of this value has been posted.
-  std::vector<unsigned char> posted(2 * static_cast<std::size_t>(idx.size()), 0);
+  std::vector<unsigned char> posted =
+      filled<unsigned char>(2 * static_cast<std::size_t>(idx.size()), 0);
   auto value_of = [&](const action& a) {  // the value a communication carries
     switch (a.kind) {
       case op::send_forward:
@@ -79,8 +81,8 @@ constexpr validation check_deadlock(const plan& p) {
   };
   std::vector<std::vector<step>> steps(static_cast<std::size_t>(ranks));
   for (int r = 0; r < ranks; ++r) steps[static_cast<std::size_t>(r)] = steps_of(p.for_rank(r));
-  std::vector<std::size_t> at(static_cast<std::size_t>(ranks), 0);
-  std::vector<unsigned char> entered(static_cast<std::size_t>(ranks), 0);
+  std::vector<std::size_t> at = filled<std::size_t>(static_cast<std::size_t>(ranks), 0);
+  std::vector<unsigned char> entered = filled<unsigned char>(static_cast<std::size_t>(ranks), 0);
   bool progress = true;
   while (progress) {
     progress = false;
@@ -132,10 +134,11 @@ constexpr validation validate(const plan& p) {
     return failure("shape", -1, -1, {}, "bad shape, or not one action list per rank");
   const value_index idx(s);
   const int stages = s.virtual_stages();
-  std::vector<int> rank_table(static_cast<std::size_t>(stages));
+  std::vector<int> rank_table = filled(static_cast<std::size_t>(stages), 0);
   for (int st = 0; st < stages; ++st) rank_table[static_cast<std::size_t>(st)] = p.rank_of(st);
   // Per (stage, microbatch): how many F, B, W, BW were seen.
-  std::vector<unsigned char> count(4 * static_cast<std::size_t>(stages) * s.microbatches, 0);
+  std::vector<unsigned char> count = filled<unsigned char>(
+      4 * static_cast<std::size_t>(stages) * static_cast<std::size_t>(s.microbatches), 0);
   const auto count_at = [&](int slot, int stage, int mb) {  // slot: 0 F, 1 B, 2 W, 3 BW
     return (static_cast<std::size_t>(slot) * stages + static_cast<std::size_t>(stage)) *
                static_cast<std::size_t>(s.microbatches) +
@@ -152,9 +155,9 @@ constexpr validation validate(const plan& p) {
   // Each value has one producing rank and at most one receiving rank, so flat arrays suffice.
   std::vector<unsigned char> sends, recvs, made;
   if (p.lowered) {
-    sends.assign(static_cast<std::size_t>(idx.size()), 0);
-    recvs.assign(static_cast<std::size_t>(idx.size()), 0);
-    made.assign(static_cast<std::size_t>(idx.size()), 0);
+    sends = filled<unsigned char>(static_cast<std::size_t>(idx.size()), 0);
+    recvs = sends;
+    made = sends;
   }
 
   for (int r = 0; r < p.rank_count(); ++r) {
@@ -180,10 +183,12 @@ constexpr validation validate(const plan& p) {
         const int self = is_send(a.kind) ? from : to;
         const int other = is_send(a.kind) ? to : from;
         if (p.rank_of(self) != r)
-          return failure("placement", r, at, a, "communication on a rank that does not hold the stage");
+          return failure("placement", r, at, a,
+                         "communication on a rank that does not hold the stage");
         if (p.rank_of(other) != a.peer || a.peer == r)
           return failure("communication", r, at, a, "wrong peer rank");
-        const int v = idx(fwd ? value_kind::activation : value_kind::input_grad, from, a.microbatch);
+        const int v =
+            idx(fwd ? value_kind::activation : value_kind::input_grad, from, a.microbatch);
         const auto vu = static_cast<std::size_t>(v);
         if (is_send(a.kind)) {
           if (!made[vu]) return failure("send-after-produce", r, at, a, "sent before it is made");
@@ -263,11 +268,11 @@ constexpr validation validate(const plan& p) {
           const auto vu = static_cast<std::size_t>(idx(k, st, mb));
           const bool cross = p.rank_of(st) != p.rank_of(to);
           if (cross && (sends[vu] != 1 || recvs[vu] != 1))
-            return failure("unmatched", p.rank_of(st), -1,
-                           make_action(k == value_kind::activation ? op::send_forward
-                                                                   : op::send_backward,
-                                       st, mb),
-                           "a cross-rank dependency without exactly one send and one receive");
+            return failure(
+                "unmatched", p.rank_of(st), -1,
+                make_action(k == value_kind::activation ? op::send_forward : op::send_backward, st,
+                            mb),
+                "a cross-rank dependency without exactly one send and one receive");
           if (!cross && (sends[vu] || recvs[vu]))
             return failure("communication", p.rank_of(st), -1,
                            make_action(op::send_forward, st, mb), "send/recv within one rank");

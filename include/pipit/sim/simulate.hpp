@@ -23,12 +23,12 @@ struct timed_action {
 };
 
 struct rank_stats {
-  double busy = 0;             // time spent in compute passes
-  double idle = 0;             // makespan - busy
-  double bubble_fraction = 0;  // idle / makespan
-  double peak_activations = 0; // max running sum of in-flight activations (see activation units)
-  double first_start = 0;      // start of the rank's first compute pass
-  double last_end = 0;         // end of its last compute pass
+  double busy = 0;              // time spent in compute passes
+  double idle = 0;              // makespan - busy
+  double bubble_fraction = 0;   // idle / makespan
+  double peak_activations = 0;  // max running sum of in-flight activations (see activation units)
+  double first_start = 0;       // start of the rank's first compute pass
+  double last_end = 0;          // end of its last compute pass
 };
 
 // Activation units: one microbatch's activations through one 1/stages slice of the model; a
@@ -123,8 +123,7 @@ constexpr result simulate(const schedule::plan& p, const costs& c) {
     st.idle = out.makespan - st.busy;
     st.bubble_fraction = out.makespan > 0 ? st.idle / out.makespan : 0;
   }
-  out.bubble_fraction =
-      out.makespan > 0 ? 1 - total_busy / (p.rank_count() * out.makespan) : 0;
+  out.bubble_fraction = out.makespan > 0 ? 1 - total_busy / (p.rank_count() * out.makespan) : 0;
   return out;
 }
 

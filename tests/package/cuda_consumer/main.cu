@@ -5,7 +5,9 @@
 
 static_assert(__cplusplus >= 202002L, "nvcc must compile consumers as C++20");
 
-__global__ void padded(int v, int* out) { *out = pipit::round_up(v, 128); }
+__global__ void padded(int v, int* out) {
+  *out = pipit::round_up(v, 128);
+}
 
 int main() {
   if (!pipit::cuda::has_device()) {  // a build machine: the compile and link are the test
