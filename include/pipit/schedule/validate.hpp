@@ -125,6 +125,76 @@ constexpr validation check_deadlock(const plan& p) {
   return {};
 }
 
+// The common case, fast: proves an unlowered plan valid in one pass that executes it (Kahn's
+// algorithm over the ranks' lists) and checks every per-action rule on the way, with one state
+// byte per (stage, microbatch). It only answers "valid"; on any doubt it returns false and
+// validate() runs the rule-by-rule checks below, which name the rule and the action.
+constexpr bool valid_unlowered_fast(const plan& p) {
+  const shape& s = p.shp;
+  const int stages = s.virtual_stages(), m = s.microbatches, ranks = p.rank_count();
+  enum : unsigned char { f_bit = 1, b_bit = 2, w_bit = 4, bw_bit = 8 };
+  std::vector<int> rank_table = filled(static_cast<std::size_t>(stages), 0);
+  for (int st = 0; st < stages; ++st) rank_table[static_cast<std::size_t>(st)] = p.rank_of(st);
+  const auto cells = static_cast<std::size_t>(stages) * static_cast<std::size_t>(m);
+  std::vector<unsigned char> state = filled<unsigned char>(cells, 0);
+  std::vector<std::size_t> pos = filled<std::size_t>(static_cast<std::size_t>(ranks), 0);
+  const auto cell = [m](int stage, int mb) {
+    return static_cast<std::size_t>(stage) * static_cast<std::size_t>(m) +
+           static_cast<std::size_t>(mb);
+  };
+  // Round-robin: every rank advances as far as its inputs allow; a round in which no rank
+  // advances means the plan is stuck. (As fast as a worklist here, and simpler: either way the
+  // cost is about one unpredictable branch per action, where ranks hand over to each other.)
+  std::size_t remaining = p.action_count();
+  while (remaining > 0) {
+    std::size_t advanced = 0;
+    for (int r = 0; r < ranks; ++r) {
+      const auto ru = static_cast<std::size_t>(r);
+      const auto& acts = p.ranks[ru];
+      std::size_t i = pos[ru];
+      for (; i < acts.size(); ++i) {
+        const action& a = acts[i];
+        if (a.stage < 0 || a.stage >= stages || a.microbatch < 0 || a.microbatch >= m) return false;
+        if (rank_table[static_cast<std::size_t>(a.stage)] != r) return false;
+        unsigned char& st = state[cell(a.stage, a.microbatch)];
+        int dep_stage = -1;
+        unsigned char dep_bits = 0, bit = 0;
+        switch (a.kind) {
+          case op::forward:
+            bit = f_bit;
+            if (a.stage > 0) dep_stage = a.stage - 1, dep_bits = f_bit;
+            break;
+          case op::backward_input:
+          case op::backward:
+            bit = a.kind == op::backward ? bw_bit : b_bit;
+            if (!(st & f_bit)) return false;  // before its own forward
+            if (a.stage + 1 < stages) dep_stage = a.stage + 1, dep_bits = b_bit | bw_bit;
+            break;
+          case op::backward_weight:
+            bit = w_bit;
+            if (!(st & b_bit)) return false;  // before its own B
+            break;
+          default:
+            return false;  // communication or vocabulary passes: the full checks decide
+        }
+        if (dep_stage >= 0 && !(state[cell(dep_stage, a.microbatch)] & dep_bits)) {
+          if (rank_table[static_cast<std::size_t>(dep_stage)] == r) return false;  // local order
+          break;  // wait for the other rank
+        }
+        if (st & bit) return false;  // duplicate
+        st = static_cast<unsigned char>(st | bit);
+      }
+      advanced += i - pos[ru];
+      pos[ru] = i;
+    }
+    if (advanced == 0) return false;  // stuck: a cycle, or a pass waits for a missing one
+    remaining -= advanced;
+  }
+  for (const unsigned char st : state)
+    if (st != (f_bit | bw_bit) && st != (f_bit | b_bit | w_bit)) return false;
+  return true;
+}
+
 }  // namespace detail_validate
 
 constexpr validation validate(const plan& p) {
@@ -132,6 +202,7 @@ constexpr validation validate(const plan& p) {
   const shape& s = p.shp;
   if (check_common(s) != shape_rule::ok || p.rank_count() != s.stages)
     return failure("shape", -1, -1, {}, "bad shape, or not one action list per rank");
+  if (!p.lowered && detail_validate::valid_unlowered_fast(p)) return {};
   const value_index idx(s);
   const int stages = s.virtual_stages();
   std::vector<int> rank_table = filled(static_cast<std::size_t>(stages), 0);
