@@ -197,7 +197,8 @@ int main(int argc, char** argv) {
       std::snprintf(line, sizeof line, "%-12s %6s %10s %8s %10s %10s %9s\n", "schedule", "chunks",
                     "makespan", "bubble", "peak act.", "rank0 act.", "messages");
       os << "stages " << stages << ", microbatches " << microbatches << ", costs f=" << costs.f
-         << " b=" << costs.b << " w=" << costs.w << " comm=" << costs.comm << "\n\n"
+         << " b=" << costs.b << " w=" << costs.w << " comm=" << costs.comm
+         << " free_at_b=" << costs.free_at_b << "\n\n"
          << line;
       for (const auto name : ps::all_policy_names) {
         const std::string n(name);
