@@ -133,31 +133,22 @@ void tree_all_reduce(C& comm, std::span<T> data, Op op) {
   if (r < extra) comm.send(detail_collectives::as_const(data), r + pow2, collective_tag + 3);
 }
 
-// Star: everyone sends to the root, which combines in rank order and sends the result back.
+// Star: everyone sends to the root, which combines in rank order (star_reduce below) and sends
+// the result back to each rank directly: two message latencies whatever the rank count.
+template <class C, class T, class Op>
+void star_reduce(C& comm, std::span<T> data, Op op, int root);
+
 template <class C, class T, class Op>
 void star_all_reduce(C& comm, std::span<T> data, Op op, int root = 0) {
-  const int p = comm.size(), r = comm.rank();
+  const int p = comm.size();
   if (p == 1 || data.empty()) return;
-  if (r != root) {
-    comm.send(detail_collectives::as_const(data), root, collective_tag + 5);
+  star_reduce(comm, data, op, root);
+  if (comm.rank() != root) {
     comm.recv(data, root, collective_tag + 6);
     return;
   }
-  std::vector<T> acc, buf(data.size());
-  for (int q = 0; q < p; ++q) {
-    std::span<const T> part = data;
-    if (q != root) {
-      comm.recv(std::span<T>(buf), q, collective_tag + 5);
-      part = buf;
-    }
-    if (acc.empty())
-      acc.assign(part.begin(), part.end());
-    else
-      for (std::size_t i = 0; i < acc.size(); ++i) acc[i] = op(acc[i], part[i]);
-  }
-  std::copy(acc.begin(), acc.end(), data.begin());
   for (int q = 0; q < p; ++q)
-    if (q != root) comm.send(std::span<const T>(acc), q, collective_tag + 6);
+    if (q != root) comm.send(detail_collectives::as_const(data), q, collective_tag + 6);
 }
 
 template <class C, class T, class Op>

@@ -23,17 +23,16 @@
 #include <vector>
 
 #include "pipit/schedule/plan.hpp"
+#include "pipit/schedule/policy_base.hpp"
 
 namespace pipit::schedule {
 
-struct dualpipe_v {
+struct dualpipe_v : v_shape_policy {
   static constexpr std::string_view name = "dualpipe-v";
-  static constexpr placement place = placement::v_shape;
   static constexpr bool split_backward = true;  // some backwards are split, the others BW
 
   static constexpr shape_rule check(const shape& s) noexcept {
-    if (const auto r = check_common(s); r != shape_rule::ok) return r;
-    if (s.chunks != 2) return shape_rule::two_chunks;
+    if (const auto r = v_shape_policy::check(s); r != shape_rule::ok) return r;
     return s.microbatches >= 2 * s.stages ? shape_rule::ok
                                           : shape_rule::dualpipe_microbatches_at_least_twice_stages;
   }

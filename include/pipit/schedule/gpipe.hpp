@@ -4,18 +4,13 @@
 // (re-materialization, in the runtime, trades that memory for recomputation).
 
 #include "pipit/schedule/plan.hpp"
+#include "pipit/schedule/policy_base.hpp"
 
 namespace pipit::schedule {
 
-struct gpipe {
+struct gpipe : one_chunk_policy {
   static constexpr std::string_view name = "gpipe";
-  static constexpr placement place = placement::looped;
   static constexpr bool split_backward = false;
-
-  static constexpr shape_rule check(const shape& s) noexcept {
-    if (const auto r = check_common(s); r != shape_rule::ok) return r;
-    return s.chunks == 1 ? shape_rule::ok : shape_rule::one_chunk;
-  }
 
   static constexpr void generate(const shape& s, plan& out) {
     for (int r = 0; r < s.stages; ++r) {

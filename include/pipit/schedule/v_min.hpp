@@ -15,6 +15,7 @@
 
 #include "pipit/core/filled.hpp"
 #include "pipit/schedule/plan.hpp"
+#include "pipit/schedule/policy_base.hpp"
 
 namespace pipit::schedule {
 
@@ -71,15 +72,9 @@ constexpr v_block_slots v_min_slots(int p, int i) noexcept {
 
 }  // namespace detail_v
 
-struct v_min {
+struct v_min : v_shape_policy {
   static constexpr std::string_view name = "v-min";
-  static constexpr placement place = placement::v_shape;
   static constexpr bool split_backward = true;
-
-  static constexpr shape_rule check(const shape& s) noexcept {
-    if (const auto r = check_common(s); r != shape_rule::ok) return r;
-    return s.chunks == 2 ? shape_rule::ok : shape_rule::two_chunks;
-  }
 
   static constexpr void generate(const shape& s, plan& out) {
     for (int r = 0; r < s.stages; ++r)

@@ -23,18 +23,13 @@
 #include <algorithm>
 
 #include "pipit/schedule/plan.hpp"
+#include "pipit/schedule/policy_base.hpp"
 
 namespace pipit::schedule {
 
-struct zb_h2 {
+struct zb_h2 : one_chunk_policy {
   static constexpr std::string_view name = "zb-h2";
-  static constexpr placement place = placement::looped;
   static constexpr bool split_backward = true;
-
-  static constexpr shape_rule check(const shape& s) noexcept {
-    if (const auto r = check_common(s); r != shape_rule::ok) return r;
-    return s.chunks == 1 ? shape_rule::ok : shape_rule::one_chunk;
-  }
 
   static constexpr void generate(const shape& s, plan& out) {
     const int p = s.stages, m = s.microbatches;

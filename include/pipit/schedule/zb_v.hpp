@@ -31,6 +31,7 @@
 #include "pipit/core/error.hpp"
 #include "pipit/core/filled.hpp"
 #include "pipit/schedule/plan.hpp"
+#include "pipit/schedule/policy_base.hpp"
 
 namespace pipit::schedule {
 
@@ -129,15 +130,9 @@ constexpr void zb_v_list(const shape& s, plan& out) {
 
 }  // namespace detail_zb_v
 
-struct zb_v {
+struct zb_v : v_shape_policy {
   static constexpr std::string_view name = "zb-v";
-  static constexpr placement place = placement::v_shape;
   static constexpr bool split_backward = true;
-
-  static constexpr shape_rule check(const shape& s) noexcept {
-    if (const auto r = check_common(s); r != shape_rule::ok) return r;
-    return s.chunks == 2 ? shape_rule::ok : shape_rule::two_chunks;
-  }
 
   static constexpr void generate(const shape& s, plan& out) {
     if (s.microbatches >= 2 * s.stages - 1)
