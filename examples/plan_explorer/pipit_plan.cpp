@@ -5,6 +5,13 @@
 //   pipit-plan --schedule 1f1b --stages 4 --microbatches 8
 //   pipit-plan --schedule all --stages 8 --microbatches 32 --cost f=1,b=1,w=1
 //   pipit-plan --schedule v-half --stages 4 --microbatches 12 --format svg --output v_half.svg
+//
+// Model mode (--model): a transformer, a partition of it over the pipeline, a hardware profile
+// and the schedule give every rank's compute and idle time, peak memory by category, and the
+// iteration time, tokens/s and MFU (pipit/sim/predict.hpp):
+//
+//   pipit-plan --model --layers 32 --hidden 3072 --heads 24 --seq 2048 --vocab 256000
+//       --stages 8 --microbatches 128 --hardware a100-80gb --schedule 1f1b --partition all
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -18,12 +25,21 @@
 #include <string>
 #include <vector>
 
+#include "pipit/cost/balanced_partition.hpp"
+#include "pipit/cost/flops.hpp"
+#include "pipit/cost/hardware.hpp"
+#include "pipit/cost/transformer.hpp"
+#include "pipit/cost/vocab_algorithm.hpp"
+#include "pipit/partition/layout.hpp"
+#include "pipit/partition/naive.hpp"
+#include "pipit/partition/vocab_parallel.hpp"
 #include "pipit/render/ascii.hpp"
 #include "pipit/render/chrome_trace.hpp"
 #include "pipit/render/svg.hpp"
 #include "pipit/schedule/by_name.hpp"
 #include "pipit/schedule/lower.hpp"
 #include "pipit/schedule/validate.hpp"
+#include "pipit/sim/predict.hpp"
 #include "pipit/sim/simulate.hpp"
 
 namespace {
@@ -154,6 +170,210 @@ std::string table(const report& r) {
   return os.str();
 }
 
+// ---- model mode ---------------------------------------------------------------------------------
+
+struct model_options {
+  pipit::cost::transformer model;
+  pipit::cost::hardware hw;
+  std::string hardware_settings;  // --hardware-set, echoed in the header
+  std::string schedule;
+  int stages = 0, microbatches = 0, chunks = 1;
+  std::string partition;  // naive, balanced, vocab-parallel, layout:..., all
+  pipit::cost::vocab_algorithm algorithm = pipit::cost::vocab_algorithm::one_barrier;
+};
+
+struct model_run {
+  std::string name;  // naive, balanced, vocab-parallel, layout
+  pipit::partition::partition part;
+  ps::plan plan;
+  pipit::sim::prediction pred;
+};
+
+pipit::partition::partition make_partition(const std::string& kind, const model_options& o,
+                                           const pipit::partition::pipeline& pl) {
+  if (kind == "naive") return pipit::partition::naive(o.model.layers, pl);
+  if (kind == "balanced") return pipit::cost::balanced_partition(o.model, o.hw, pl);
+  if (kind == "vocab-parallel") return pipit::partition::vocab_parallel(o.model.layers, pl);
+  if (kind.rfind("layout:", 0) == 0)
+    return pipit::partition::layout(kind.substr(7), pl, o.model.layers);
+  pipit::fail("--partition: unknown partition '", kind,
+              "' (known: naive, balanced, vocab-parallel, layout:\"E t*4 | ... | t*4 L\", all)");
+}
+
+model_run run_model(const std::string& kind, const model_options& o) {
+  pipit::cost::check(o.model);
+  const ps::plan plan = ps::make_plan_by_name(o.schedule, {o.stages, o.microbatches, o.chunks});
+  const pipit::partition::pipeline pl{o.stages, o.chunks, plan.place};
+  model_run r{
+      kind.rfind("layout:", 0) == 0 ? "layout" : kind, make_partition(kind, o, pl), plan, {}};
+  r.pred = pipit::sim::predict(r.plan, r.part, o.model, o.hw, o.algorithm);
+  return r;
+}
+
+constexpr double gib = double(1ull << 30);
+
+std::string model_header(const model_options& o) {
+  const auto& t = o.model;
+  std::ostringstream os;
+  os << "model: " << t.layers << " layers, hidden " << t.hidden << ", heads " << t.heads << " (kv "
+     << t.kv() << "), ffn " << t.ffn_size() << (t.gated_mlp ? " gated" : "") << ", seq " << t.seq
+     << ", vocab " << t.vocab << ", microbatch size " << t.microbatch_size
+     << (t.recompute ? ", full recomputation" : "")
+     << (t.flash_attention ? "" : ", no flash attention") << "\n"
+     << "pipeline: " << o.schedule << ", " << o.stages << " ranks x " << o.chunks << " chunk"
+     << (o.chunks > 1 ? "s" : "") << ", " << o.microbatches << " microbatches; hardware "
+     << o.hw.name << (o.hardware_settings.empty() ? "" : " (" + o.hardware_settings + ")")
+     << "; output layer = " << fmt(pipit::cost::output_layer_in_layers(t), 2)
+     << " layers in FLOPs\n";
+  return os.str();
+}
+
+std::string model_table(const model_run& r, const model_options& o) {
+  const auto& pr = r.pred;
+  std::ostringstream os;
+  os << model_header(o) << "partition " << r.name;
+  if (r.part.vocab_parallel)
+    os << " (vocabulary layers sharded over all ranks, " << pipit::cost::name(o.algorithm) << ")";
+  os << ": " << pipit::partition::to_layout(r.part) << "\n\n"
+     << "iteration " << fmt(pr.iteration_time) << " s (pipeline " << fmt(pr.pipeline_time)
+     << " s + optimizer step " << fmt(pr.optimizer_time) << " s), " << fmt(pr.tokens_per_second, 0)
+     << " tokens/s, MFU " << fmt(100 * pr.mfu, 2) << "%, peak memory "
+     << fmt(pr.max_peak_memory_bytes / gib, 2) << " GiB\n\n";
+  char line[256];
+  std::snprintf(line, sizeof line, "%4s  %-22s %9s %9s %8s %8s %8s %8s %8s %9s\n", "rank", "parts",
+                "busy s", "idle s", "weights", "grads", "optim", "activ", "work", "peak GiB");
+  os << line;
+  for (std::size_t k = 0; k < pr.ranks.size(); ++k) {
+    const auto& rk = pr.ranks[k];
+    const auto& m = rk.memory;
+    std::snprintf(
+        line, sizeof line, "%4zu  %-22s %9.3f %9.3f %8.2f %8.2f %8.2f %8.2f %8.2f %9.2f%s\n", k,
+        rk.parts.c_str(), rk.busy, rk.idle, m.parameters / gib, m.gradients / gib,
+        m.optimizer / gib, m.activations / gib, m.workspace / gib, rk.peak_memory_bytes / gib,
+        rk.peak_memory_bytes > o.hw.memory_capacity ? "  exceeds the device" : "");
+    os << line;
+  }
+  return os.str();
+}
+
+nlohmann::json model_json(const model_run& r, const model_options& o) {
+  const auto& pr = r.pred;
+  const auto& t = o.model;
+  nlohmann::json j;
+  j["partition"] = r.name;
+  j["layout"] = pipit::partition::to_layout(r.part);
+  j["vocab_parallel"] = r.part.vocab_parallel;
+  if (r.part.vocab_parallel) j["vocab_algorithm"] = std::string(pipit::cost::name(o.algorithm));
+  j["schedule"] = std::string(r.plan.schedule);
+  j["stages"] = o.stages;
+  j["chunks"] = o.chunks;
+  j["microbatches"] = o.microbatches;
+  j["model"] = {{"layers", t.layers},  {"hidden", t.hidden},
+                {"heads", t.heads},    {"kv_heads", t.kv()},
+                {"ffn", t.ffn_size()}, {"seq", t.seq},
+                {"vocab", t.vocab},    {"microbatch_size", t.microbatch_size}};
+  j["hardware"] = {{"name", std::string(o.hw.name)},
+                   {"peak_flops", o.hw.peak_flops},
+                   {"gemm_fraction", o.hw.gemm_fraction},
+                   {"attention_fraction", o.hw.attention_fraction},
+                   {"memory_bandwidth", o.hw.memory_bandwidth},
+                   {"memory_fraction", o.hw.memory_fraction},
+                   {"memory_capacity", o.hw.memory_capacity}};
+  j["iteration_time"] = pr.iteration_time;
+  j["pipeline_time"] = pr.pipeline_time;
+  j["optimizer_time"] = pr.optimizer_time;
+  j["tokens_per_second"] = pr.tokens_per_second;
+  j["mfu"] = pr.mfu;
+  j["model_flops"] = pr.model_flops;
+  j["bubble_fraction"] = pr.sim.bubble_fraction;
+  j["p2p_time"] = pr.p2p_time;
+  j["vocab_comm_time"] = pr.vocab_comm_time;
+  j["max_peak_memory_bytes"] = pr.max_peak_memory_bytes;
+  j["ranks"] = nlohmann::json::array();
+  for (std::size_t k = 0; k < pr.ranks.size(); ++k) {
+    const auto& rk = pr.ranks[k];
+    j["ranks"].push_back({{"rank", k},
+                          {"parts", rk.parts},
+                          {"busy", rk.busy},
+                          {"idle", rk.idle},
+                          {"optimizer_step", rk.optimizer_step},
+                          {"peak_memory_bytes", rk.peak_memory_bytes},
+                          {"fits", rk.peak_memory_bytes <= o.hw.memory_capacity},
+                          {"memory",
+                           {{"parameters", rk.memory.parameters},
+                            {"gradients", rk.memory.gradients},
+                            {"optimizer", rk.memory.optimizer},
+                            {"activations", rk.memory.activations},
+                            {"workspace", rk.memory.workspace}}}});
+  }
+  j["virtual_stages"] = nlohmann::json::array();
+  for (std::size_t s = 0; s < pr.stages.size(); ++s) {
+    const auto& st = pr.stages[s];
+    j["virtual_stages"].push_back({{"stage", s},
+                                   {"rank", r.part.rank_of(static_cast<int>(s))},
+                                   {"parts", pipit::partition::describe(r.part.stages[s])},
+                                   {"f", st.f},
+                                   {"b", st.b},
+                                   {"w", st.w},
+                                   {"activation_bytes", st.activation_bytes}});
+  }
+  return j;
+}
+
+std::string model_comparison(const std::vector<model_run>& runs,
+                             const std::vector<std::string>& refused, const model_options& o) {
+  std::ostringstream os;
+  os << model_header(o) << "\n";
+  char line[512];
+  std::snprintf(line, sizeof line, "%-15s %11s %10s %8s %10s %9s  %s\n", "partition", "iteration s",
+                "tokens/s", "MFU %", "peak GiB", "peak rank", "layout");
+  os << line;
+  for (const auto& r : runs) {
+    std::size_t worst = 0;
+    for (std::size_t k = 0; k < r.pred.ranks.size(); ++k)
+      if (r.pred.ranks[k].peak_memory_bytes > r.pred.ranks[worst].peak_memory_bytes) worst = k;
+    std::string layout = pipit::partition::to_layout(r.part);
+    if (r.part.vocab_parallel)
+      layout += "  (E, L sharded, " + std::string(pipit::cost::name(o.algorithm)) + ")";
+    std::snprintf(line, sizeof line, "%-15s %11.3f %10.0f %8.2f %10.2f %9zu  %s\n", r.name.c_str(),
+                  r.pred.iteration_time, r.pred.tokens_per_second, 100 * r.pred.mfu,
+                  r.pred.max_peak_memory_bytes / gib, worst, layout.c_str());
+    os << line;
+  }
+  for (const auto& msg : refused) os << msg << "\n";
+  return os.str();
+}
+
+std::string run_model_mode(const model_options& o, const std::string& format) {
+  if (o.partition == "all") {
+    if (format != "table" && format != "json")
+      pipit::fail("--partition all prints a table or JSON (got --format ", format, ")");
+    std::vector<model_run> runs;
+    std::vector<std::string> refused;
+    for (const std::string kind : {"naive", "balanced", "vocab-parallel"}) {
+      try {
+        runs.push_back(run_model(kind, o));
+      } catch (const pipit::error& e) {
+        refused.push_back(kind + " refused: " + e.what());
+      }
+    }
+    if (runs.empty()) pipit::fail(refused.front());
+    if (format == "table") return model_comparison(runs, refused, o);
+    nlohmann::json all = nlohmann::json::array();
+    for (const auto& r : runs) all.push_back(model_json(r, o));
+    return all.dump(2) + "\n";
+  }
+  const model_run r = run_model(o.partition, o);
+  if (format == "table") return model_table(r, o);
+  if (format == "json") return model_json(r, o).dump(2) + "\n";
+  if (format == "ascii") return pipit::render::ascii_timeline(r.pred.sim, r.plan);
+  if (format == "chrome") return pipit::render::chrome_trace(r.pred.sim, r.plan, 1e6);
+  pipit::render::svg_options so;
+  so.px_per_unit = 1600 / r.pred.sim.makespan;
+  so.title = o.schedule + ", partition " + r.name + ": " + pipit::partition::to_layout(r.part);
+  return pipit::render::svg_timeline(r.pred.sim, r.plan, so);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -179,7 +399,88 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"table", "json", "ascii", "svg", "chrome"}));
   app.add_option("--output,-o", output, "write to this file instead of standard output");
   app.add_flag("--lowered", with_lowered, "include the lowered actions (with send/recv) in JSON");
+
+  // Model mode.
+  bool model = false, no_flash = false;
+  model_options mo;
+  std::string hardware = "a100-80gb", algorithm = "one-barrier";
+  mo.partition = "naive";
+  auto* g = app.add_option_group("model", "model mode: predict a transformer's iteration");
+  auto* model_flag =
+      g->add_flag("--model", model,
+                  "predict a transformer's iteration time, MFU and memory per rank (the options "
+                  "below; --stages, --microbatches, --chunks and --schedule as above)");
+  g->add_option("--layers", mo.model.layers, "transformer layers")->needs(model_flag);
+  g->add_option("--hidden", mo.model.hidden, "hidden size")->needs(model_flag);
+  g->add_option("--heads", mo.model.heads, "attention heads")->needs(model_flag);
+  g->add_option("--kv-heads", mo.model.kv_heads, "key/value heads (default: heads)")
+      ->needs(model_flag);
+  g->add_option("--ffn", mo.model.ffn, "FFN inner size (default: 4 * hidden)")->needs(model_flag);
+  g->add_option("--seq", mo.model.seq, "sequence length")->needs(model_flag);
+  g->add_option("--vocab", mo.model.vocab, "vocabulary size")->needs(model_flag);
+  g->add_option("--microbatch-size", mo.model.microbatch_size, "sequences per microbatch")
+      ->needs(model_flag);
+  g->add_flag("--gated-mlp", mo.model.gated_mlp, "SwiGLU-style MLP (three h x ffn matrices)")
+      ->needs(model_flag);
+  g->add_flag("--learned-positions", mo.model.learned_positions,
+              "a learned position embedding (seq x hidden) on the first stage")
+      ->needs(model_flag);
+  g->add_flag("--no-flash-attention", no_flash, "store the attention scores (5as bytes/token)")
+      ->needs(model_flag);
+  g->add_flag("--recompute", mo.model.recompute, "full activation recomputation")
+      ->needs(model_flag);
+  g->add_option("--gradient-bytes", mo.model.bytes.gradient,
+                "bytes per weight gradient (default 4: fp32 accumulation; 2: 16-bit)")
+      ->needs(model_flag);
+  g->add_option("--hardware", hardware, "hardware profile")
+      ->check(CLI::IsMember({"a100-80gb", "h200"}))
+      ->needs(model_flag);
+  g->add_option("--hardware-set", mo.hardware_settings,
+                "override profile fields: peak=,gemm=,attention=,bandwidth=,memory=,capacity=,"
+                "p2p_latency=,p2p_bandwidth=,collective_latency=,collective_bandwidth=")
+      ->needs(model_flag);
+  g->add_option("--partition", mo.partition,
+                "naive, balanced, vocab-parallel, layout:\"E t*4 | ... | t*4 L\", or all")
+      ->needs(model_flag);
+  g->add_option("--vocab-algorithm", algorithm,
+                "vocabulary-parallel output layer: naive, two-barrier or one-barrier")
+      ->check(CLI::IsMember({"naive", "two-barrier", "one-barrier"}))
+      ->needs(model_flag);
   CLI11_PARSE(app, argc, argv);
+
+  if (model) {
+    try {
+      mo.model.flash_attention = !no_flash;
+      mo.hw = pipit::cost::hardware_by_name(hardware);
+      std::stringstream in(mo.hardware_settings);
+      std::string item;
+      while (std::getline(in, item, ',')) pipit::cost::set_field(mo.hw, item);
+      pipit::cost::check(mo.hw);
+      mo.algorithm = pipit::cost::vocab_algorithm_by_name(algorithm);
+      if (schedule == "all")
+        pipit::fail(
+            "--model compares partitions (--partition all), not schedules: give one "
+            "--schedule");
+      const bool multi =
+          schedule == "interleaved" || ps::placement_of(schedule) == ps::placement::v_shape;
+      mo.schedule = schedule;
+      mo.stages = stages;
+      mo.microbatches = microbatches;
+      mo.chunks = chunks.value_or(multi ? 2 : 1);
+      const std::string text = run_model_mode(mo, format);
+      if (output.empty()) {
+        std::cout << text;
+      } else {
+        std::ofstream out(output);
+        if (!(out << text)) pipit::fail("cannot write ", output);
+        std::cerr << "wrote " << output << "\n";
+      }
+    } catch (const pipit::error& e) {
+      std::cerr << "pipit-plan: " << e.what() << "\n";
+      return 1;
+    }
+    return 0;
+  }
 
   try {
     const pipit::sim::costs costs = parse_costs(cost_text);

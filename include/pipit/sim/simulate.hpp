@@ -27,13 +27,16 @@ struct rank_stats {
   double idle = 0;              // makespan - busy
   double bubble_fraction = 0;   // idle / makespan
   double peak_activations = 0;  // max running sum of in-flight activations (see activation units)
-  double first_start = 0;       // start of the rank's first compute pass
-  double last_end = 0;          // end of its last compute pass
+  double peak_activation_bytes = 0;  // the same in bytes, with costs.stages (0 without)
+  double first_start = 0;            // start of the rank's first compute pass
+  double last_end = 0;               // end of its last compute pass
 };
 
 // Activation units: one microbatch's activations through one 1/stages slice of the model; a
 // chunk of a rank holding v chunks counts 1/v. F adds its share, BW frees it, B frees
-// costs.free_at_b of it and W the rest.
+// costs.free_at_b of it (costs.stages[s].free_at_b when per-stage costs are given) and W the rest.
+// Activation bytes (with costs.stages only): the same running sum, F of stage s adding
+// costs.stages[s].activation_bytes.
 struct result {
   double makespan = 0;
   double bubble_fraction = 0;  // 1 - total busy / (ranks * makespan)
@@ -60,7 +63,15 @@ constexpr double duration(const schedule::action& a, const schedule::shape& s, c
     default:
       return 0;
   }
-  d /= s.chunks;
+  if (c.stages.empty()) {
+    d /= s.chunks;
+  } else {
+    const stage_costs& st = c.stages[static_cast<std::size_t>(a.stage)];
+    d = a.kind == op::forward           ? st.f
+        : a.kind == op::backward_input  ? st.b
+        : a.kind == op::backward_weight ? st.w
+                                        : st.b + st.w;
+  }
   if (!c.stage_scale.empty()) d *= c.stage_scale[static_cast<std::size_t>(a.stage)];
   return d;
 }
@@ -71,6 +82,17 @@ constexpr result simulate(const schedule::plan& p, const costs& c) {
   if (!c.stage_scale.empty() && static_cast<int>(c.stage_scale.size()) != p.shp.virtual_stages())
     fail("pipit: simulate(): costs.stage_scale has ", c.stage_scale.size(),
          " entries but the plan has ", p.shp.virtual_stages(), " virtual stages");
+  if (!c.stages.empty() && static_cast<int>(c.stages.size()) != p.shp.virtual_stages())
+    fail("pipit: simulate(): costs.stages has ", c.stages.size(), " entries but the plan has ",
+         p.shp.virtual_stages(), " virtual stages");
+  for (std::size_t s = 0; s < c.stages.size(); ++s) {
+    const stage_costs& st = c.stages[s];
+    if (!(st.f >= 0 && st.b >= 0 && st.w >= 0 && st.activation_bytes >= 0 && st.free_at_b >= 0 &&
+          st.free_at_b <= 1))
+      fail("pipit: simulate(): costs.stages[", s,
+           "] must be >= 0 and free_at_b in [0, 1] (f=", st.f, " b=", st.b, " w=", st.w,
+           " activation_bytes=", st.activation_bytes, " free_at_b=", st.free_at_b, ")");
+  }
   if (c.f < 0 || c.b < 0 || c.w < 0 || c.comm < 0 || c.free_at_b < 0 || c.free_at_b > 1)
     fail("pipit: simulate(): costs must be >= 0 and free_at_b in [0, 1] (f=", c.f, " b=", c.b,
          " w=", c.w, " comm=", c.comm, " free_at_b=", c.free_at_b, ")");
@@ -86,7 +108,7 @@ constexpr result simulate(const schedule::plan& p, const costs& c) {
     const auto ru = static_cast<std::size_t>(r);
     const auto acts = p.for_rank(r);
     rank_stats& st = out.ranks[ru];
-    double live = 0;
+    double live = 0, live_bytes = 0;
     bool first = true;
     out.timeline[ru].reserve(acts.size());
     for (std::size_t i = 0; i < acts.size(); ++i) {
@@ -98,23 +120,33 @@ constexpr result simulate(const schedule::plan& p, const costs& c) {
       if (first) st.first_start = s0;
       first = false;
       st.last_end = std::max(st.last_end, e0);
+      const bool per_stage = !c.stages.empty();
+      const double at_b =
+          per_stage ? c.stages[static_cast<std::size_t>(a.stage)].free_at_b : c.free_at_b;
+      const double bytes =
+          per_stage ? c.stages[static_cast<std::size_t>(a.stage)].activation_bytes : 0.0;
       switch (a.kind) {
         case schedule::op::forward:
           live += share;
+          live_bytes += bytes;
           break;
         case schedule::op::backward:
           live -= share;
+          live_bytes -= bytes;
           break;
         case schedule::op::backward_input:
-          live -= share * c.free_at_b;
+          live -= share * at_b;
+          live_bytes -= bytes * at_b;
           break;
         case schedule::op::backward_weight:
-          live -= share * (1 - c.free_at_b);
+          live -= share * (1 - at_b);
+          live_bytes -= bytes * (1 - at_b);
           break;
         default:
           break;
       }
       st.peak_activations = std::max(st.peak_activations, live);
+      st.peak_activation_bytes = std::max(st.peak_activation_bytes, live_bytes);
     }
     out.makespan = std::max(out.makespan, st.last_end);
     total_busy += st.busy;
