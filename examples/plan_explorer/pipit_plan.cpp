@@ -5,6 +5,9 @@
 //   pipit-plan --schedule 1f1b --stages 4 --microbatches 8
 //   pipit-plan --schedule all --stages 8 --microbatches 32 --cost f=1,b=1,w=1
 //   pipit-plan --schedule v-half --stages 4 --microbatches 12 --format svg --output v_half.svg
+//   pipit-plan --schedule 1f1b --stages 8 --microbatches 32 --vocab-passes one-barrier
+//   pipit-plan --schedule v-half --stages 8 --microbatches 32 --vocab-passes two-barrier
+//              --cost f=1,b=1,w=1,s=0.1,t=0.1,if=0.02,ib=0.02 --format svg --output vocab.svg
 //
 // Model mode (--model): a transformer, a partition of it over the pipeline, a hardware profile
 // and the schedule give every rank's compute and idle time, peak memory by category, and the
@@ -39,6 +42,7 @@
 #include "pipit/schedule/by_name.hpp"
 #include "pipit/schedule/lower.hpp"
 #include "pipit/schedule/validate.hpp"
+#include "pipit/schedule/vocab_passes.hpp"
 #include "pipit/sim/predict.hpp"
 #include "pipit/sim/simulate.hpp"
 
@@ -70,11 +74,20 @@ pipit::sim::costs parse_costs(const std::string& text) {
       have_w = true;
     } else if (key == "comm") {
       c.comm = v;
+    } else if (key == "s") {
+      c.vocab_s = v;
+    } else if (key == "t") {
+      c.vocab_t = v;
+    } else if (key == "if") {
+      c.embed_f = v;
+    } else if (key == "ib") {
+      c.embed_b = v;
     } else if (key == "free_at_b") {
       if (v > 1) pipit::fail("--cost: free_at_b must be in [0, 1], got ", v);
       c.free_at_b = v;
     } else {
-      pipit::fail("--cost: unknown key '", key, "' (known: f, b, w, comm, free_at_b)");
+      pipit::fail("--cost: unknown key '", key,
+                  "' (known: f, b, w, comm, free_at_b, s, t, if, ib)");
     }
   }
   if (!have_w) {
@@ -90,12 +103,20 @@ struct report {
   pipit::sim::result sim;
 };
 
-report run(const std::string& schedule, const ps::shape& s, const pipit::sim::costs& c) {
-  report r{ps::make_plan_by_name(schedule, s), {}, {}};
+// With vocabulary passes (--vocab-passes) the plan is not lowered: lower() refuses the
+// collectives their dependencies imply, so `lowered` stays empty.
+report run(const std::string& schedule, const ps::shape& s, const pipit::sim::costs& c,
+           ps::vocab_passes vocab = ps::vocab_passes::none) {
+  report r{vocab == ps::vocab_passes::none ? ps::make_plan_by_name(schedule, s)
+                                           : ps::make_vocab_plan(schedule, s, vocab),
+           {},
+           {}};
   if (const auto v = ps::validate(r.plan); !v.ok) pipit::fail(schedule, ": ", ps::to_string(v));
-  r.lowered = ps::lower(r.plan);
-  if (const auto v = ps::validate(r.lowered); !v.ok)
-    pipit::fail(schedule, " (lowered): ", ps::to_string(v));
+  if (vocab == ps::vocab_passes::none) {
+    r.lowered = ps::lower(r.plan);
+    if (const auto v = ps::validate(r.lowered); !v.ok)
+      pipit::fail(schedule, " (lowered): ", ps::to_string(v));
+  }
   r.sim = pipit::sim::simulate(r.plan, c);
   return r;
 }
@@ -123,7 +144,12 @@ nlohmann::json to_json(const report& r, bool with_lowered) {
   j["makespan"] = r.sim.makespan;
   j["bubble_fraction"] = r.sim.bubble_fraction;
   j["peak_activations"] = peak_max(r.sim);
-  j["messages"] = messages(r.lowered);
+  j["vocab_passes"] = std::string(ps::name(r.plan.vocab));
+  if (r.plan.vocab == ps::vocab_passes::none) {
+    j["messages"] = messages(r.lowered);
+  } else {
+    j["messages"] = nullptr;  // not lowered
+  }
   j["ranks"] = nlohmann::json::array();
   for (int k = 0; k < r.plan.rank_count(); ++k) {
     const auto& st = r.sim.ranks[static_cast<std::size_t>(k)];
@@ -155,8 +181,13 @@ std::string table(const report& r) {
   os << "schedule " << r.plan.schedule << ": stages " << r.plan.shp.stages << ", microbatches "
      << r.plan.shp.microbatches << ", chunks " << r.plan.shp.chunks << " ("
      << ps::name(r.plan.place) << " placement)\n"
-     << "makespan " << fmt(r.sim.makespan) << ", bubble fraction " << fmt(r.sim.bubble_fraction)
-     << ", point-to-point messages " << messages(r.lowered) << "\n\n";
+     << "makespan " << fmt(r.sim.makespan) << ", bubble fraction " << fmt(r.sim.bubble_fraction);
+  if (r.plan.vocab == ps::vocab_passes::none) {
+    os << ", point-to-point messages " << messages(r.lowered) << "\n\n";
+  } else {
+    os << "\nvocabulary passes " << ps::name(r.plan.vocab)
+       << ": S, T, IF, IB of every microbatch on every rank (not lowered)\n\n";
+  }
   char line[160];
   std::snprintf(line, sizeof line, "%6s %12s %12s %8s %18s\n", "rank", "busy", "idle", "bubble",
                 "peak activations");
@@ -382,6 +413,7 @@ int main(int argc, char** argv) {
   int stages = 4, microbatches = 8;
   std::optional<int> chunks;
   bool with_lowered = false;
+  std::string vocab_text = "none";
   std::vector<std::string> schedule_choices(std::begin(ps::all_policy_names),
                                             std::end(ps::all_policy_names));
   schedule_choices.push_back("all");
@@ -394,11 +426,16 @@ int main(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--cost", cost_text,
                  "pass durations for one rank's whole share: f=,b=[,w=][,comm=][,free_at_b=]; "
+                 "vocabulary passes per rank: [s=][,t=][,if=][,ib=]; "
                  "without w, b is the combined backward");
   app.add_option("--format", format, "output format")
       ->check(CLI::IsMember({"table", "json", "ascii", "svg", "chrome"}));
   app.add_option("--output,-o", output, "write to this file instead of standard output");
   app.add_flag("--lowered", with_lowered, "include the lowered actions (with send/recv) in JSON");
+  app.add_option("--vocab-passes", vocab_text,
+                 "vocabulary-parallel S, T, IF, IB passes on every rank (1f1b, interleaved, "
+                 "v-half); their durations: --cost s=,t=,if=,ib=")
+      ->check(CLI::IsMember({"none", "one-barrier", "two-barrier"}));
 
   // Model mode.
   bool model = false, no_flash = false;
@@ -448,8 +485,15 @@ int main(int argc, char** argv) {
       ->needs(model_flag);
   CLI11_PARSE(app, argc, argv);
 
+  const ps::vocab_passes vocab = vocab_text == "one-barrier"   ? ps::vocab_passes::one_barrier
+                                 : vocab_text == "two-barrier" ? ps::vocab_passes::two_barrier
+                                                               : ps::vocab_passes::none;
   if (model) {
     try {
+      if (vocab != ps::vocab_passes::none)
+        pipit::fail(
+            "--vocab-passes places the passes in a plan; --model takes --partition "
+            "vocab-parallel and --vocab-algorithm instead");
       mo.model.flash_attention = !no_flash;
       mo.hw = pipit::cost::hardware_by_name(hardware);
       std::stringstream in(mo.hardware_settings);
@@ -484,6 +528,10 @@ int main(int argc, char** argv) {
 
   try {
     const pipit::sim::costs costs = parse_costs(cost_text);
+    if (vocab != ps::vocab_passes::none && with_lowered)
+      pipit::fail(
+          "--lowered: plans with vocabulary passes are not lowered (lower() does not "
+          "write their collectives yet)");
     auto shape_for = [&](const std::string& name) {
       const bool multi = name == "interleaved" || ps::placement_of(name) == ps::placement::v_shape;
       return ps::shape{stages, microbatches, chunks.value_or(multi ? 2 : 1)};
@@ -499,16 +547,23 @@ int main(int argc, char** argv) {
                     "makespan", "bubble", "peak act.", "rank0 act.", "messages");
       os << "stages " << stages << ", microbatches " << microbatches << ", costs f=" << costs.f
          << " b=" << costs.b << " w=" << costs.w << " comm=" << costs.comm
-         << " free_at_b=" << costs.free_at_b << "\n\n"
-         << line;
+         << " free_at_b=" << costs.free_at_b;
+      if (vocab != ps::vocab_passes::none)
+        os << " s=" << costs.vocab_s << " t=" << costs.vocab_t << " if=" << costs.embed_f
+           << " ib=" << costs.embed_b << ", vocabulary passes " << ps::name(vocab)
+           << " (messages: not lowered)";
+      os << "\n\n" << line;
       for (const auto name : ps::all_policy_names) {
         const std::string n(name);
         try {
-          const report r = run(n, shape_for(n), costs);
+          const report r = run(n, shape_for(n), costs, vocab);
           all.push_back(to_json(r, with_lowered));
-          std::snprintf(line, sizeof line, "%-12s %6d %10.3f %8.3f %10.3f %10.3f %9d\n", n.c_str(),
+          const std::string sent = vocab == ps::vocab_passes::none
+                                       ? std::to_string(messages(r.lowered))
+                                       : std::string("-");
+          std::snprintf(line, sizeof line, "%-12s %6d %10.3f %8.3f %10.3f %10.3f %9s\n", n.c_str(),
                         r.plan.shp.chunks, r.sim.makespan, r.sim.bubble_fraction, peak_max(r.sim),
-                        r.sim.ranks[0].peak_activations, messages(r.lowered));
+                        r.sim.ranks[0].peak_activations, sent.c_str());
           os << line;
         } catch (const pipit::error& e) {
           std::snprintf(line, sizeof line, "%-12s refused: ", n.c_str());
@@ -517,7 +572,7 @@ int main(int argc, char** argv) {
       }
       text = format == "json" ? all.dump(2) + "\n" : os.str();
     } else {
-      const report r = run(schedule, shape_for(schedule), costs);
+      const report r = run(schedule, shape_for(schedule), costs, vocab);
       if (format == "table") text = table(r);
       if (format == "json") text = to_json(r, with_lowered).dump(2) + "\n";
       if (format == "ascii") text = pipit::render::ascii_timeline(r.sim, r.plan);

@@ -48,6 +48,9 @@ constexpr bool is_send(op o) noexcept {
 constexpr bool is_recv(op o) noexcept {
   return o == op::recv_forward || o == op::recv_backward;
 }
+constexpr bool is_vocabulary(op o) noexcept {
+  return o == op::vocab_s || o == op::vocab_t || o == op::embed_forward || o == op::embed_backward;
+}
 constexpr bool is_backward(op o) noexcept {
   return o == op::backward_input || o == op::backward || o == op::backward_weight;
 }

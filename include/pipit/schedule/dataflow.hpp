@@ -18,40 +18,79 @@ namespace pipit::schedule {
 //   activation : the output of F(s, mb)
 //   input_grad : the input gradient out of B(s, mb) or BW(s, mb)
 //   weight_grad: the weight gradient of stage s for mb, out of W(s, mb) or BW(s, mb)
-enum class value_kind : int { activation = 0, input_grad = 1, weight_grad = 2 };
+// and, in a plan with vocabulary passes, one *gathered* slot per (kind, microbatch), made when
+// the pass of that kind has run on every rank (a collective over the pipeline group):
+//   embedding  : every rank's IF(mb) — the embedding reduce that feeds F(0, mb)
+//   statistics : every rank's S(mb) — the statistics barrier (Algorithm 2 also reduces the
+//                input gradient here)
+//   vocab_grad : every rank's T(mb) — the input-gradient barrier of Algorithm 1
+enum class value_kind : int {
+  activation = 0,
+  input_grad = 1,
+  weight_grad = 2,
+  embedding = 3,
+  statistics = 4,
+  vocab_grad = 5
+};
 
 struct value_index {
   int virtual_stages = 1;
   int microbatches = 1;
+  vocab_passes vocab = vocab_passes::none;
 
-  constexpr explicit value_index(const shape& s) noexcept
-      : virtual_stages(s.virtual_stages()), microbatches(s.microbatches) {}
-  constexpr int size() const noexcept { return 3 * virtual_stages * microbatches; }
+  constexpr explicit value_index(const shape& s, vocab_passes v = vocab_passes::none) noexcept
+      : virtual_stages(s.virtual_stages()), microbatches(s.microbatches), vocab(v) {}
+  constexpr int per_stage_size() const noexcept { return 3 * virtual_stages * microbatches; }
+  constexpr int size() const noexcept {
+    return per_stage_size() + (vocab != vocab_passes::none ? 3 * microbatches : 0);
+  }
   constexpr int operator()(value_kind k, int stage, int microbatch) const noexcept {
     return (static_cast<int>(k) * virtual_stages + stage) * microbatches + microbatch;
   }
+  // A gathered value (embedding, statistics, vocab_grad) of one microbatch.
+  constexpr int gathered(value_kind k, int microbatch) const noexcept {
+    return per_stage_size() + (static_cast<int>(k) - 3) * microbatches + microbatch;
+  }
+  constexpr bool is_gathered(int v) const noexcept { return v >= per_stage_size(); }
 };
 
 // The (at most two) values a compute pass needs before it can start; unused entries are -1.
 // F(s) needs F(s-1)'s activation; B/BW(s) needs its own F(s) and, below the last stage,
 // B(s+1)'s input gradient (the last stage's backward starts from the loss); W(s) needs B(s).
+// With vocabulary passes: F(0) needs every rank's IF; the last stage's B/BW needs every rank's S
+// (one barrier) or T (two barriers); S needs the last stage's F (X is broadcast from it); T needs
+// every rank's S; IB needs the input gradient of virtual stage 0; IF needs nothing.
 constexpr std::array<int, 2> inputs_of(const action& a, const value_index& idx) noexcept {
   const int s = a.stage, mb = a.microbatch;
+  const int last = idx.virtual_stages - 1;
   switch (a.kind) {
     case op::forward:
-      return {s > 0 ? idx(value_kind::activation, s - 1, mb) : -1, -1};
+      return {s > 0                             ? idx(value_kind::activation, s - 1, mb)
+              : idx.vocab != vocab_passes::none ? idx.gathered(value_kind::embedding, mb)
+                                                : -1,
+              -1};
     case op::backward_input:
     case op::backward:
       return {idx(value_kind::activation, s, mb),
-              s + 1 < idx.virtual_stages ? idx(value_kind::input_grad, s + 1, mb) : -1};
+              s < last                                 ? idx(value_kind::input_grad, s + 1, mb)
+              : idx.vocab == vocab_passes::one_barrier ? idx.gathered(value_kind::statistics, mb)
+              : idx.vocab == vocab_passes::two_barrier ? idx.gathered(value_kind::vocab_grad, mb)
+                                                       : -1};
     case op::backward_weight:
       return {idx(value_kind::input_grad, s, mb), -1};
+    case op::vocab_s:
+      return {idx(value_kind::activation, last, mb), -1};
+    case op::vocab_t:
+      return {idx.gathered(value_kind::statistics, mb), -1};
+    case op::embed_backward:
+      return {idx(value_kind::input_grad, 0, mb), -1};
     default:
       return {-1, -1};
   }
 }
 
-// The (at most two) values a compute pass produces; unused entries are -1.
+// The (at most two) values a compute pass produces; unused entries are -1. A gathered value
+// exists once every rank has run its pass (execute() counts them).
 constexpr std::array<int, 2> outputs_of(const action& a, const value_index& idx) noexcept {
   const int s = a.stage, mb = a.microbatch;
   switch (a.kind) {
@@ -63,6 +102,12 @@ constexpr std::array<int, 2> outputs_of(const action& a, const value_index& idx)
       return {idx(value_kind::weight_grad, s, mb), -1};
     case op::backward:
       return {idx(value_kind::input_grad, s, mb), idx(value_kind::weight_grad, s, mb)};
+    case op::vocab_s:
+      return {idx.gathered(value_kind::statistics, mb), -1};
+    case op::vocab_t:
+      return {idx.gathered(value_kind::vocab_grad, mb), -1};
+    case op::embed_forward:
+      return {idx.gathered(value_kind::embedding, mb), -1};
     default:
       return {-1, -1};
   }
@@ -80,11 +125,13 @@ struct execution {
 // Duration: callable (const action&, int rank) -> double, for compute actions.
 // Communication actions of a lowered plan are zero-length markers: the dependencies they carry
 // are already modelled by the data dependencies (with `latency` across ranks).
+// A gathered value (vocabulary plans) is ready when the last rank's pass that feeds it ends, and
+// every consumer pays `latency` for it once when the plan has more than one rank (a collective).
 // Timed = false only decides whether the plan can run to the end (validation): no times are
 // kept, which makes it several times faster on large plans.
 template <bool Timed = true, class Duration>
 constexpr execution execute(const plan& p, Duration&& duration, double latency = 0.0) {
-  const value_index idx(p.shp);
+  const value_index idx(p.shp, p.vocab);
   const int ranks = p.rank_count();
   execution ex;
   if constexpr (Timed) {
@@ -102,6 +149,8 @@ constexpr execution execute(const plan& p, Duration&& duration, double latency =
       filled<unsigned char>(static_cast<std::size_t>(idx.size()), 0);
   std::vector<double> ready;
   std::vector<int> producer_rank;
+  // arrived[v - per_stage_size()]: how many ranks have run the pass feeding gathered value v.
+  std::vector<int> arrived = filled(static_cast<std::size_t>(idx.size() - idx.per_stage_size()), 0);
   if constexpr (Timed) {
     ready = filled(static_cast<std::size_t>(idx.size()), 0.0);
     producer_rank = filled(static_cast<std::size_t>(idx.size()), -1);
@@ -150,11 +199,15 @@ constexpr execution execute(const plan& p, Duration&& duration, double latency =
         for (const int v : outputs_of(a, idx)) {
           if (v < 0) continue;
           const auto vu = static_cast<std::size_t>(v);
-          produced[vu] = 1;
-          if constexpr (Timed) {
+          if (idx.is_gathered(v)) {
+            if constexpr (Timed) ready[vu] = std::max(ready[vu], e);
+            if (++arrived[static_cast<std::size_t>(v - idx.per_stage_size())] < ranks) continue;
+            if constexpr (Timed) producer_rank[vu] = ranks > 1 ? -1 : r;
+          } else if constexpr (Timed) {
             ready[vu] = e;
             producer_rank[vu] = r;
           }
+          produced[vu] = 1;
           for (int w = waiters[vu]; w >= 0; w = next_waiter[static_cast<std::size_t>(w)])
             work.push_back(w);
           waiters[vu] = -1;

@@ -55,7 +55,8 @@ struct interleaved_one_f_one_b_t {
     return valid_group(s, group_size(s)) ? shape_rule::ok : shape_rule::interleaved_group_size;
   }
 
-  static constexpr void generate(const shape& s, plan& out) {
+  // extra_warmup > 0: that many more warm-up chunk forwards on every rank (vocab_passes.hpp).
+  static constexpr void generate(const shape& s, plan& out, int extra_warmup = 0) {
     const int p = s.stages, m = s.microbatches, v = s.chunks, g = group_size(s);
     const int n = m * v;     // chunk passes per rank and direction
     const int full = m / g;  // groups of g; then one of m % g, if any
@@ -88,7 +89,7 @@ struct interleaved_one_f_one_b_t {
       };
       // The 2 (p - r - 1) (not 1F1B's p - r - 1) lets a rank's next chunk forward arrive before
       // the rank needs it (Megatron-LM issue #169).
-      const int warmup = std::min(2 * (p - r - 1) + (v - 1) * g, n);
+      const int warmup = std::min(2 * (p - r - 1) + (v - 1) * g + extra_warmup, n);
       for (int k = 0; k < warmup; ++k) forward(k);
       for (int k = 0; k + warmup < n; ++k) {
         forward(k + warmup);

@@ -24,6 +24,10 @@ namespace pipit::schedule {
 
 constexpr plan lower(const plan& in) {
   if (in.lowered) return in;
+  if (in.vocab != vocab_passes::none)
+    fail("pipit: lower(): plan '", in.schedule, "' has vocabulary passes (", name(in.vocab),
+         "); lowering their collectives is not supported: run the unlowered plan's S, T, IF, IB "
+         "with the collectives their dependencies imply (see vocab_passes.hpp)");
   for (const auto& acts : in.ranks)
     for (const action& a : acts)
       if (is_communication(a.kind))

@@ -15,12 +15,14 @@ struct one_f_one_b : one_chunk_policy {
   static constexpr std::string_view name = "1f1b";
   static constexpr bool split_backward = false;
 
-  static constexpr void generate(const shape& s, plan& out) {
+  // extra_warmup > 0: that many more warm-up forwards on every rank (vocab_passes.hpp delays the
+  // last stage's backward by one 1F1B period per vocabulary barrier this way).
+  static constexpr void generate(const shape& s, plan& out, int extra_warmup = 0) {
     const int p = s.stages, m = s.microbatches;
     for (int r = 0; r < p; ++r) {
       auto& acts = out.ranks[static_cast<std::size_t>(r)];
       acts.reserve(2 * static_cast<std::size_t>(m));
-      const int warmup = std::min(p - r - 1, m);
+      const int warmup = std::min(p - r - 1 + extra_warmup, m);
       int f = 0, b = 0;
       while (f < warmup) acts.push_back(make_action(op::forward, r, f++));
       while (f < m) {

@@ -17,6 +17,18 @@
 
 namespace pipit::schedule {
 
+// Which vocabulary-parallel passes a plan carries (see vocab_passes.hpp): none, or the S, T, IF
+// and IB passes of every microbatch on every rank, with the dependencies of the paper's
+// Algorithm 2 (one barrier: the last stage's backward needs every rank's S) or Algorithm 1 (two
+// barriers: it needs every rank's T).
+enum class vocab_passes : unsigned char { none, one_barrier, two_barrier };
+
+constexpr std::string_view name(vocab_passes v) noexcept {
+  return v == vocab_passes::none          ? "none"
+         : v == vocab_passes::one_barrier ? "one-barrier"
+                                          : "two-barrier";
+}
+
 struct plan {
   std::string_view schedule;  // the generating policy's name (a string literal)
   shape shp;
@@ -24,6 +36,7 @@ struct plan {
   bool split_backward = false;  // B and W separate (zero-bubble family) instead of BW
   bool lowered = false;         // send/recv actions added (see lower.hpp)
   std::vector<std::vector<action>> ranks;
+  vocab_passes vocab = vocab_passes::none;  // S/T/IF/IB passes present (vocab_passes.hpp)
 
   constexpr int rank_count() const noexcept { return static_cast<int>(ranks.size()); }
   constexpr std::span<const action> for_rank(int r) const {
@@ -37,7 +50,8 @@ struct plan {
   }
   friend constexpr bool operator==(const plan& a, const plan& b) {
     return a.schedule == b.schedule && a.shp == b.shp && a.place == b.place &&
-           a.split_backward == b.split_backward && a.lowered == b.lowered && a.ranks == b.ranks;
+           a.split_backward == b.split_backward && a.lowered == b.lowered && a.ranks == b.ranks &&
+           a.vocab == b.vocab;
   }
 };
 
@@ -71,6 +85,7 @@ struct static_plan {
   bool split_backward = false;
   bool lowered = false;
   std::array<fixed_vector<action, Capacity>, static_cast<std::size_t>(Ranks)> ranks{};
+  vocab_passes vocab = vocab_passes::none;
 
   static constexpr int rank_count() noexcept { return Ranks; }
   constexpr std::span<const action> for_rank(int r) const {
@@ -79,7 +94,7 @@ struct static_plan {
   }
   // Back to the run-time form (inside a constant expression this is a transient allocation).
   constexpr plan to_plan() const {
-    plan p{schedule, shp, place, split_backward, lowered, {}};
+    plan p{schedule, shp, place, split_backward, lowered, {}, vocab};
     for (const auto& r : ranks) p.ranks.emplace_back(r.begin(), r.end());
     return p;
   }
@@ -102,6 +117,7 @@ consteval auto freeze() {
   out.place = p.place;
   out.split_backward = p.split_backward;
   out.lowered = p.lowered;
+  out.vocab = p.vocab;
   for (std::size_t r = 0; r < p.ranks.size(); ++r)
     for (const action& a : p.ranks[r]) out.ranks[r].push_back(a);
   return out;

@@ -34,10 +34,15 @@ struct v_half : v_shape_policy {
   static constexpr std::string_view name = "v-half";
   static constexpr bool split_backward = true;
 
-  static constexpr void generate(const shape& s, plan& out) {
-    for (int r = 0; r < s.stages; ++r)
-      detail_v::v_block_rank(s, r, detail_v::v_half_slots(s.stages, r),
-                             out.ranks[static_cast<std::size_t>(r)]);
+  // extra_periods > 0: both backwards of the building block that many 6-slot periods later
+  // (vocab_passes.hpp: one period per vocabulary barrier, as the paper stretches the block).
+  static constexpr void generate(const shape& s, plan& out, int extra_periods = 0) {
+    for (int r = 0; r < s.stages; ++r) {
+      detail_v::v_block_slots k = detail_v::v_half_slots(s.stages, r);
+      k.backward1 += 6 * extra_periods;
+      k.backward0 += 6 * extra_periods;
+      detail_v::v_block_rank(s, r, k, out.ranks[static_cast<std::size_t>(r)]);
+    }
   }
 };
 

@@ -6,12 +6,17 @@
 //   shape           the plan's shape is one some schedule accepts; one action list per rank
 //   range           stage and microbatch of every action are inside the shape
 //   placement       every action runs on the rank that holds its virtual stage
-//   unsupported     vocabulary/collective passes (placed by the vocabulary schedules, not yet)
+//   unsupported     collective actions (C); S, T, IF or IB in a plan whose `vocab` is none; a
+//                   lowered plan with vocabulary passes
 //   communication   an unlowered plan has no send/recv; a lowered one names the right peers
 //   duplicate       a pass appears twice for one (stage, microbatch)
 //   mixed-backward  a (stage, microbatch) has both a combined BW and a split B or W
-//   missing         a (stage, microbatch) lacks its F, or its backward (BW, or B and W)
-//   order           on its own rank a backward precedes its forward, or W precedes its B
+//   missing         a (stage, microbatch) lacks its F, or its backward (BW, or B and W); in a
+//                   vocabulary plan, a rank lacks one of its S, T, IF, IB for a microbatch
+//   order           on its own rank a backward precedes its forward, or W precedes its B; with
+//                   vocabulary passes also T before S, S before the last stage's F, the first
+//                   stage's F before IF, the last stage's backward before S (one barrier) or T
+//                   (two barriers), IB before the first stage's backward
 //   recv-before-use (lowered) a pass uses another rank's value it has not received yet
 //   send-after-produce (lowered) a value is sent before it is made, or sent/received twice
 //   unmatched       (lowered) a cross-rank dependency lacks its send or its receive
@@ -130,6 +135,7 @@ constexpr validation check_deadlock(const plan& p) {
 // byte per (stage, microbatch). It only answers "valid"; on any doubt it returns false and
 // validate() runs the rule-by-rule checks below, which name the rule and the action.
 constexpr bool valid_unlowered_fast(const plan& p) {
+  if (p.vocab != vocab_passes::none) return false;  // vocabulary plans: the full checks
   const shape& s = p.shp;
   const int stages = s.virtual_stages(), m = s.microbatches, ranks = p.rank_count();
   enum : unsigned char { f_bit = 1, b_bit = 2, w_bit = 4, bw_bit = 8 };
@@ -222,6 +228,18 @@ constexpr validation validate(const plan& p) {
                                                 : 3;
     return count[count_at(slot, stage, mb)];
   };
+  // Vocabulary plans: how many S, T, IF, IB each rank runs per microbatch.
+  std::vector<unsigned char> vocab_count;
+  if (p.vocab != vocab_passes::none)
+    vocab_count = filled<unsigned char>(
+        4 * static_cast<std::size_t>(p.rank_count()) * static_cast<std::size_t>(s.microbatches), 0);
+  const auto vocab_counter = [&](op k, int rank, int mb) -> unsigned char& {
+    const int slot = static_cast<int>(k) - static_cast<int>(op::vocab_s);  // S, T, IF, IB
+    return vocab_count[(static_cast<std::size_t>(slot) * static_cast<std::size_t>(p.rank_count()) +
+                        static_cast<std::size_t>(rank)) *
+                           static_cast<std::size_t>(s.microbatches) +
+                       static_cast<std::size_t>(mb)];
+  };
   // Lowered bookkeeping: sends/receives seen per value (for matching).
   // Each value has one producing rank and at most one receiving rank, so flat arrays suffice.
   std::vector<unsigned char> sends, recvs, made;
@@ -238,10 +256,33 @@ constexpr validation validate(const plan& p) {
       const int at = static_cast<int>(i);
       if (a.stage < 0 || a.stage >= stages || a.microbatch < 0 || a.microbatch >= s.microbatches)
         return failure("range", r, at, a, "stage or microbatch outside the shape");
-      if (a.kind == op::vocab_s || a.kind == op::vocab_t || a.kind == op::embed_forward ||
-          a.kind == op::embed_backward || a.kind == op::collective)
+      if (a.kind == op::collective)
         return failure("unsupported", r, at, a,
-                       "vocabulary and collective passes are not placed by these schedules");
+                       "collective actions are not placed by these schedules");
+      if (is_vocabulary(a.kind)) {
+        if (p.vocab == vocab_passes::none)
+          return failure(
+              "unsupported", r, at, a,
+              "a vocabulary pass in a plan without vocabulary passes (plan.vocab is none)");
+        if (p.lowered)
+          return failure("unsupported", r, at, a,
+                         "lowered plans with vocabulary passes are not supported");
+        if (a.stage != stage_of(p.place, s, r, 0))
+          return failure("placement", r, at, a,
+                         "a vocabulary pass's stage must be its rank's chunk-0 virtual stage");
+        if (vocab_counter(a.kind, r, a.microbatch)++)
+          return failure("duplicate", r, at, a, "this vocabulary pass appears twice on this rank");
+        const int mb = a.microbatch;
+        if (a.kind == op::vocab_t && !vocab_counter(op::vocab_s, r, mb))
+          return failure("order", r, at, a, "T before its S on this rank");
+        if (a.kind == op::vocab_s && rank_table[static_cast<std::size_t>(stages - 1)] == r &&
+            !count[count_at(0, stages - 1, mb)])
+          return failure("order", r, at, a, "S before the last stage's forward on its rank");
+        if (a.kind == op::embed_backward && rank_table[0] == r &&
+            !(count[count_at(1, 0, mb)] | count[count_at(3, 0, mb)]))
+          return failure("order", r, at, a, "IB before the first stage's backward on its rank");
+        continue;
+      }
       if (is_communication(a.kind)) {
         if (!p.lowered)
           return failure("communication", r, at, a, "send/recv in a plan not marked lowered");
@@ -292,6 +333,18 @@ constexpr validation validate(const plan& p) {
                    ? not_received
                    : fine;
       };
+      if (p.vocab != vocab_passes::none) {
+        if (a.kind == op::forward && a.stage == 0 &&
+            !vocab_counter(op::embed_forward, r, a.microbatch))
+          return failure("order", r, at, a, "the first stage's forward before its rank's IF");
+        const op barrier = p.vocab == vocab_passes::one_barrier ? op::vocab_s : op::vocab_t;
+        if ((a.kind == op::backward_input || a.kind == op::backward) && a.stage == stages - 1 &&
+            !vocab_counter(barrier, r, a.microbatch))
+          return failure("order", r, at, a,
+                         p.vocab == vocab_passes::one_barrier
+                             ? "the last stage's backward before its rank's S"
+                             : "the last stage's backward before its rank's T");
+      }
       int bad = fine;
       if (a.kind == op::forward) {
         bad = input(value_kind::activation, a.stage - 1);
@@ -330,6 +383,15 @@ constexpr validation validate(const plan& p) {
       if (!bw && !(b && w))
         return failure("missing", r, -1, where, "no complete backward (BW, or B and W)");
     }
+
+  if (p.vocab != vocab_passes::none)
+    for (int r = 0; r < p.rank_count(); ++r)
+      for (int mb = 0; mb < s.microbatches; ++mb)
+        for (const op k : {op::vocab_s, op::vocab_t, op::embed_forward, op::embed_backward})
+          if (!vocab_counter(k, r, mb))
+            return failure(
+                "missing", r, -1, make_action(k, stage_of(p.place, s, r, 0), mb),
+                "a vocabulary plan needs one S, T, IF and IB per microbatch on every rank");
 
   if (p.lowered) {
     for (int st = 0; st < stages; ++st)

@@ -22,7 +22,8 @@ struct costs {
   double f = 1.0;     // forward
   double b = 1.0;     // backward for the input gradient
   double w = 1.0;     // backward for the weights
-  double comm = 0.0;  // latency of one point-to-point transfer between ranks
+  double comm = 0.0;  // latency of one point-to-point transfer between ranks, and of each
+                      // collective a vocabulary pass waits for (schedule/vocab_passes.hpp)
   // Fraction of a pass's activations freed by B when B and W are split (the rest by W).
   double free_at_b = 0.0;
   // Optional per-virtual-stage multipliers on the pass durations (empty: all 1), for
@@ -33,6 +34,13 @@ struct costs {
   // multiplied by stage_scale when that is given — the activation units use stages[s].free_at_b
   // instead of free_at_b, and the result also reports peak activation bytes per rank.
   std::vector<stage_costs> stages{};
+  // Vocabulary passes (plans with plan.vocab set), per rank and microbatch, not divided by the
+  // chunks nor scaled by stage_scale: the output layer's S and T passes over the rank's vocabulary
+  // shard, the input embedding's forward (IF) and backward (IB).
+  double vocab_s = 0.0;
+  double vocab_t = 0.0;
+  double embed_f = 0.0;
+  double embed_b = 0.0;
 };
 
 }  // namespace pipit::sim

@@ -60,6 +60,14 @@ constexpr double duration(const schedule::action& a, const schedule::shape& s, c
     case op::backward:
       d = c.b + c.w;
       break;
+    case op::vocab_s:
+      return c.vocab_s;
+    case op::vocab_t:
+      return c.vocab_t;
+    case op::embed_forward:
+      return c.embed_f;
+    case op::embed_backward:
+      return c.embed_b;
     default:
       return 0;
   }
@@ -93,9 +101,11 @@ constexpr result simulate(const schedule::plan& p, const costs& c) {
            "] must be >= 0 and free_at_b in [0, 1] (f=", st.f, " b=", st.b, " w=", st.w,
            " activation_bytes=", st.activation_bytes, " free_at_b=", st.free_at_b, ")");
   }
-  if (c.f < 0 || c.b < 0 || c.w < 0 || c.comm < 0 || c.free_at_b < 0 || c.free_at_b > 1)
+  if (c.f < 0 || c.b < 0 || c.w < 0 || c.comm < 0 || c.free_at_b < 0 || c.free_at_b > 1 ||
+      c.vocab_s < 0 || c.vocab_t < 0 || c.embed_f < 0 || c.embed_b < 0)
     fail("pipit: simulate(): costs must be >= 0 and free_at_b in [0, 1] (f=", c.f, " b=", c.b,
-         " w=", c.w, " comm=", c.comm, " free_at_b=", c.free_at_b, ")");
+         " w=", c.w, " comm=", c.comm, " free_at_b=", c.free_at_b, " vocab_s=", c.vocab_s,
+         " vocab_t=", c.vocab_t, " embed_f=", c.embed_f, " embed_b=", c.embed_b, ")");
 
   const auto ex = schedule::execute(
       p, [&](const schedule::action& a, int) { return duration(a, p.shp, c); }, c.comm);
