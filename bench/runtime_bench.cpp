@@ -46,8 +46,7 @@ struct noop_stage {
 };
 
 ps::shape shape_for(std::string_view name, int p, int m) {
-  const bool multi = name == "interleaved" || ps::placement_of(name) == ps::placement::v_shape;
-  return {p, m, multi ? 2 : 1};
+  return {p, m, ps::default_chunks(name)};
 }
 
 std::size_t rank_actions(const ps::plan& lowered, int rank) {

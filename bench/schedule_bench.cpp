@@ -17,8 +17,7 @@ namespace {
 namespace ps = pipit::schedule;
 
 ps::shape shape_for(std::string_view name, int p, int m) {
-  const bool multi = name == "interleaved" || ps::placement_of(name) == ps::placement::v_shape;
-  return {p, m, multi ? 2 : 1};
+  return {p, m, ps::default_chunks(name)};
 }
 
 bool accepts(std::string_view name, const ps::shape& s) {

@@ -405,6 +405,17 @@ std::string run_model_mode(const model_options& o, const std::string& format) {
   return pipit::render::svg_timeline(r.pred.sim, r.plan, so);
 }
 
+// Writes the result to standard output, or to `output` when given.
+void emit(const std::string& text, const std::string& output) {
+  if (output.empty()) {
+    std::cout << text;
+    return;
+  }
+  std::ofstream out(output);
+  if (!(out << text)) pipit::fail("cannot write ", output);
+  std::cerr << "wrote " << output << "\n";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -505,20 +516,12 @@ int main(int argc, char** argv) {
         pipit::fail(
             "--model compares partitions (--partition all), not schedules: give one "
             "--schedule");
-      const bool multi =
-          schedule == "interleaved" || ps::placement_of(schedule) == ps::placement::v_shape;
       mo.schedule = schedule;
       mo.stages = stages;
       mo.microbatches = microbatches;
-      mo.chunks = chunks.value_or(multi ? 2 : 1);
+      mo.chunks = chunks.value_or(ps::default_chunks(schedule));
       const std::string text = run_model_mode(mo, format);
-      if (output.empty()) {
-        std::cout << text;
-      } else {
-        std::ofstream out(output);
-        if (!(out << text)) pipit::fail("cannot write ", output);
-        std::cerr << "wrote " << output << "\n";
-      }
+      emit(text, output);
     } catch (const pipit::error& e) {
       std::cerr << "pipit-plan: " << e.what() << "\n";
       return 1;
@@ -533,8 +536,7 @@ int main(int argc, char** argv) {
           "--lowered: plans with vocabulary passes are not lowered (lower() does not "
           "write their collectives yet)");
     auto shape_for = [&](const std::string& name) {
-      const bool multi = name == "interleaved" || ps::placement_of(name) == ps::placement::v_shape;
-      return ps::shape{stages, microbatches, chunks.value_or(multi ? 2 : 1)};
+      return ps::shape{stages, microbatches, chunks.value_or(ps::default_chunks(name))};
     };
     std::string text;
     if (schedule == "all") {
@@ -579,13 +581,7 @@ int main(int argc, char** argv) {
       if (format == "svg") text = pipit::render::svg_timeline(r.sim, r.plan);
       if (format == "chrome") text = pipit::render::chrome_trace(r.sim, r.plan);
     }
-    if (output.empty()) {
-      std::cout << text;
-    } else {
-      std::ofstream out(output);
-      if (!(out << text)) pipit::fail("cannot write ", output);
-      std::cerr << "wrote " << output << "\n";
-    }
+    emit(text, output);
   } catch (const pipit::error& e) {
     std::cerr << "pipit-plan: " << e.what() << "\n";
     return 1;

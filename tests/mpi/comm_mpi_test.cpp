@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "pipit/comm/mpi_communicator.hpp"
+#include "support/mpi_world.hpp"
 
 using pipit::comm::all_reduce_algorithm;
 using pipit::comm::mpi;
@@ -28,16 +29,8 @@ using std::chrono::milliseconds;
 
 namespace {
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int s = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
+using pipit::testing::world_rank;
+using pipit::testing::world_size;
 
 mpi_options quick(std::optional<all_reduce_algorithm> a = {}) {
   mpi_options o;

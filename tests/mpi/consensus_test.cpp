@@ -8,18 +8,11 @@
 #include <string>
 
 #include "pipit/comm/mpi_consensus.hpp"
+#include "support/mpi_world.hpp"
 
 namespace {
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int s = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
+using pipit::testing::world_rank;
+using pipit::testing::world_size;
 }  // namespace
 
 TEST_CASE("mpi_require_all passes when every rank is fine", "[mpi]") {

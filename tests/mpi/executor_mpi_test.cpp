@@ -17,6 +17,7 @@
 #include "pipit/comm/mpi_communicator.hpp"
 #include "pipit/runtime/executor.hpp"
 #include "pipit/schedule/by_name.hpp"
+#include "support/mpi_world.hpp"
 #include "support/runtime_model.hpp"
 
 namespace {
@@ -30,16 +31,8 @@ using pipit::testing::mlp_stage;
 
 constexpr int steps = 3;
 
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-int world_size() {
-  int s = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &s);
-  return s;
-}
+using pipit::testing::world_rank;
+using pipit::testing::world_size;
 
 pipit::comm::mpi_options quick() {
   pipit::comm::mpi_options o;

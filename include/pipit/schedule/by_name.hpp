@@ -52,6 +52,12 @@ constexpr placement placement_of(std::string_view name) {
       name, []<class S>() { return S::place; }, all_policies{});
 }
 
+// The chunk count a named schedule runs with when none is given: 2 for interleaved 1F1B and the
+// V-shaped schedules, 1 for the others.
+constexpr int default_chunks(std::string_view name) {
+  return name == interleaved_one_f_one_b::name || placement_of(name) == placement::v_shape ? 2 : 1;
+}
+
 inline plan make_plan_by_name(std::string_view name, const shape& s) {
   return visit_policy(
       name, [&]<class S>() { return make_plan<S>(s); }, all_policies{});
