@@ -257,7 +257,9 @@ TEST_CASE("looped schedules refuse shapes naming the rule and the values", "[sch
                         Catch::Contains("stages=4, microbatches=3, chunks=2"));
   CHECK_THROWS_WITH(make_plan<interleaved_one_f_one_b_t<5>>(shape{4, 8, 2}),
                     Catch::Contains("microbatch group G needs stages <= G <= microbatches") &&
+                        Catch::Contains("with group size G = 5") &&
                         Catch::Contains("stages=4, microbatches=8, chunks=2"));
+  CHECK_THROWS_WITH(make_plan<il>(shape{4, 3, 2}), !Catch::Contains("group size G ="));
   CHECK_THROWS_WITH(make_plan<il>(shape{2, 4, 0}), Catch::Contains("chunks must be >= 1"));
   CHECK_THROWS_WITH(make_plan<zb_h1>(shape{4, 8, 2}),
                     Catch::Contains("'zb-h1'") && Catch::Contains("chunks must be 1") &&

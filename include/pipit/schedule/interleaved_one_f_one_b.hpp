@@ -33,6 +33,11 @@ struct interleaved_one_f_one_b_t {
   static constexpr placement place = placement::looped;
   static constexpr bool split_backward = false;
 
+  // For refusal messages: a fixed group size is part of what was refused.
+  static std::string parameters() {
+    return GroupSize > 0 ? detail::concat(" with group size G = ", GroupSize) : std::string();
+  }
+
   static constexpr bool valid_group(const shape& s, int g) noexcept {
     const int p = s.stages, m = s.microbatches;
     return p <= g && g <= m && (m % g == 0 || m % g >= p);

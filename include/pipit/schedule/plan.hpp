@@ -68,7 +68,8 @@ concept schedule_policy = requires(const shape& s, plan& out) {
 // Run-time (and transient constexpr) generation. Throws pipit::error for a refused shape.
 template <schedule_policy S>
 constexpr plan make_plan(const shape& s) {
-  if (const shape_rule r = S::check(s); r != shape_rule::ok) require_shape(S::name, s, r);
+  if (const shape_rule r = S::check(s); r != shape_rule::ok)
+    require_shape(S::name, s, r, policy_parameters<S>());
   plan out{S::name, s, S::place, S::split_backward, false, {}};
   out.ranks.resize(static_cast<std::size_t>(s.stages));
   S::generate(s, out);

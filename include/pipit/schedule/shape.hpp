@@ -95,10 +95,20 @@ inline std::string to_string(const shape& s) {
                         ", chunks=", s.chunks, "}");
 }
 
-// Throws pipit::error naming the schedule, the rule and the shape's values.
-inline void require_shape(std::string_view schedule, const shape& s, shape_rule r) {
+// Throws pipit::error naming the schedule, the rule and the shape's values (and the policy's
+// own parameters, e.g. a fixed group size, when it has any).
+inline void require_shape(std::string_view schedule, const shape& s, shape_rule r,
+                          std::string_view parameters = {}) {
   if (r != shape_rule::ok)
-    fail("pipit: schedule '", schedule, "' refuses shape ", to_string(s), ": ", shape_rule_text(r));
+    fail("pipit: schedule '", schedule, "'", parameters, " refuses shape ", to_string(s), ": ",
+         shape_rule_text(r));
+}
+
+// A policy's parameters as text for messages: S::parameters() when S has it, else empty.
+template <class S>
+std::string policy_parameters() {
+  if constexpr (requires { S::parameters(); }) return std::string(S::parameters());
+  return {};
 }
 
 }  // namespace pipit::schedule

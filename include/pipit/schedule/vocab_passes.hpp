@@ -174,7 +174,8 @@ inline plan make_vocab_plan(std::string_view schedule, const shape& s, vocab_pas
   const int nb = vocab_barriers(algorithm);
   plan base;
   const auto delayed = [&]<class S>() {
-    if (const shape_rule r = S::check(s); r != shape_rule::ok) require_shape(S::name, s, r);
+    if (const shape_rule r = S::check(s); r != shape_rule::ok)
+      require_shape(S::name, s, r, policy_parameters<S>());
     base = plan{S::name, s, S::place, S::split_backward, false, {}};
     base.ranks.resize(static_cast<std::size_t>(s.stages));
     S::generate(s, base, nb);
