@@ -10,6 +10,8 @@
 //   bench_runtime --benchmark_min_time=0.2
 #include <benchmark/benchmark.h>
 
+#include "register_main.hpp"
+
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -90,7 +92,9 @@ void on_threads(benchmark::State& state, std::string name, int p, int m) {
                          benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
 }
 
-void register_all() {
+}  // namespace
+
+void pipit::bench::register_all() {
   for (const auto name : ps::all_policy_names) {
     const std::string n(name);
     for (const auto& [p, m] : {std::pair{4, 16}, std::pair{8, 64}}) {
@@ -107,15 +111,4 @@ void register_all() {
         ->UseRealTime()
         ->Unit(benchmark::kMicrosecond);
   }
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  register_all();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
 }

@@ -4,6 +4,8 @@
 //   bench_schedule --benchmark_filter='generate_validate/.*/64/512'
 #include <benchmark/benchmark.h>
 
+#include "register_main.hpp"
+
 #include <cstdint>
 #include <string>
 
@@ -31,7 +33,9 @@ void set_counters(benchmark::State& state, const ps::plan& p) {
   state.SetItemsProcessed(state.iterations() * static_cast<std::int64_t>(p.action_count()));
 }
 
-void register_all() {
+}  // namespace
+
+void pipit::bench::register_all() {
   for (const auto name : ps::all_policy_names) {
     const std::string n(name);
     for (const int p : {8, 32, 128})
@@ -76,15 +80,4 @@ void register_all() {
                                    })
           ->Unit(benchmark::kMicrosecond);
   }
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  register_all();
-  benchmark::Initialize(&argc, argv);
-  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
 }

@@ -2,7 +2,6 @@
 // inside comm::mpi::run(), so a failed assertion on one rank fails the case on every rank
 // instead of hanging the others. The failure cases check that every rank raises, naming the
 // failed rank, and that MPI stays usable afterwards (the cases that follow still pass).
-#define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 
 #include <mpi.h>
@@ -11,7 +10,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
 #include <random>
 #include <stdexcept>
@@ -419,15 +417,4 @@ TEST_CASE("a collective a rank never joins times out on the others", "[mpi][comm
       CHECK_THAT(e.what(), Catch::Contains("all_reduce"));
     }
   }
-}
-
-int main(int argc, char* argv[]) {
-  MPI_Init(&argc, &argv);
-  const int failures = Catch::Session().run(argc, argv);
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world_rank() == 0)
-    std::printf("mpi: %d rank(s), %d failed assertion(s) in all\n", world_size(), total);
-  MPI_Finalize();
-  return failures == 0 ? 0 : 1;
 }

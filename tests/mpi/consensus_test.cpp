@@ -1,6 +1,5 @@
 // Run under mpirun with several ranks: every rank runs the same Catch2 cases; mpirun fails if
 // any rank reports a failure.
-#define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 
 #include <mpi.h>
@@ -42,15 +41,4 @@ TEST_CASE("PIPIT_MPI_CHECK turns an MPI error into pipit::error", "[mpi]") {
   CHECK_THROWS_WITH(PIPIT_MPI_CHECK(MPI_Send(&x, 1, MPI_INT, 1 << 20, 0, comm)),
                     Catch::Contains("MPI_Send") && Catch::Contains("world rank"));
   MPI_Comm_free(&comm);
-}
-
-int main(int argc, char* argv[]) {
-  MPI_Init(&argc, &argv);
-  const int failures = Catch::Session().run(argc, argv);
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world_rank() == 0)
-    std::printf("mpi: %d rank(s), %d failed assertion(s) in all\n", world_size(), total);
-  MPI_Finalize();
-  return failures == 0 ? 0 : 1;
 }

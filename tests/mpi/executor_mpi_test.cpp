@@ -2,7 +2,6 @@
 // MLP (tests/support/runtime_model.hpp) to the loss and parameters of single-process training.
 // Every process computes the single-process reference itself and checks the layers its stage
 // holds (and, on the last stage's rank, the loss of every step).
-#define CATCH_CONFIG_RUNNER
 #include <catch2/catch.hpp>
 
 #include <mpi.h>
@@ -10,7 +9,6 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdio>
 #include <string>
 #include <vector>
 
@@ -31,7 +29,6 @@ using pipit::testing::mlp_stage;
 
 constexpr int steps = 3;
 
-using pipit::testing::world_rank;
 using pipit::testing::world_size;
 
 pipit::comm::mpi_options quick() {
@@ -158,15 +155,4 @@ TEST_CASE("ranks with different plans are refused at start on every MPI rank", "
   }
   CHECK_THAT(what, Catch::Contains("the ranks run different plans") &&
                        Catch::Contains("rank 2 runs {stages=4, microbatches=6, chunks=1}"));
-}
-
-int main(int argc, char* argv[]) {
-  MPI_Init(&argc, &argv);
-  const int failures = Catch::Session().run(argc, argv);
-  int total = 0;
-  MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
-  if (world_rank() == 0)
-    std::printf("mpi: %d rank(s), %d failed assertion(s) in all\n", world_size(), total);
-  MPI_Finalize();
-  return failures == 0 ? 0 : 1;
 }
