@@ -23,7 +23,8 @@ using pipit::sim::simulate;
 
 namespace {
 
-constexpr vocab_passes algorithms[] = {vocab_passes::one_barrier, vocab_passes::two_barrier};
+constexpr vocab_passes algorithms[] = {vocab_passes::one_barrier, vocab_passes::two_barrier,
+                                       vocab_passes::naive};
 
 int chunks_for(std::string_view schedule) {
   return schedule == "1f1b" ? 1 : 2;
@@ -276,9 +277,6 @@ TEST_CASE("add_vocab_passes transforms the supported schedules' plans and refuse
     }
   CHECK_THROWS_AS(insert_vocab_passes(base, vocab_passes::none), pipit::error);
   CHECK_THROWS_AS(insert_vocab_passes(lower(base), vocab_passes::one_barrier), pipit::error);
-  // Lowering is refused with a clear message.
-  CHECK_THROWS_WITH(lower(make_vocab_plan("1f1b", s, vocab_passes::one_barrier)),
-                    Catch::Contains("lowering their collectives is not supported"));
   // The fast path leaves vocabulary plans to the full checks.
   CHECK_FALSE(
       detail_validate::valid_unlowered_fast(make_vocab_plan("1f1b", s, vocab_passes::one_barrier)));
@@ -306,9 +304,9 @@ TEST_CASE("each vocabulary validation rule is caught on a hand-broken plan", "[s
     p.vocab = vocab_passes::none;
     CHECK(rule_of(p) == "unsupported");
   }
-  SECTION("a lowered vocabulary plan") {
+  SECTION("a vocabulary plan marked lowered without its sends and receives") {
     p.lowered = true;
-    CHECK(rule_of(p) == "unsupported");
+    CHECK(rule_of(p) == "recv-before-use");
   }
   SECTION("collective actions") {
     p.ranks[1].push_back(make_action(op::collective, 1, 0));
@@ -378,4 +376,90 @@ TEST_CASE("each vocabulary validation rule is caught on a hand-broken plan", "[s
     move_to(p, 2, i, f);
     CHECK(rule_of(p) == "cycle");
   }
+}
+
+TEST_CASE("vocabulary plans lower with their passes as collectives at one point of every rank",
+          "[schedule][vocab][lower]") {
+  for (const std::string_view schedule : {"1f1b", "interleaved", "v-half"})
+    for (const vocab_passes alg : algorithms)
+      for (int p = 1; p <= 8; ++p)
+        for (int m = 1; m <= 16; m += (m < 4 ? 1 : 5)) {
+          const shape s{p, m, chunks_for(schedule)};
+          if (!accepted(schedule, s)) continue;
+          const plan v = make_vocab_plan(schedule, s, alg);
+          const plan l = lower(v);
+          INFO(schedule << " " << name(alg) << " p=" << p << " m=" << m);
+          REQUIRE(validate(l).ok);
+          CHECK(l.lowered);
+          CHECK(l.vocab == alg);
+          // Lowering only adds sends and receives: the compute passes keep their order.
+          for (int r = 0; r < p; ++r) {
+            std::vector<action> compute;
+            for (const action& a : l.for_rank(r))
+              if (is_compute(a.kind)) compute.push_back(a);
+            const auto orig = v.for_rank(r);
+            CHECK(std::equal(compute.begin(), compute.end(), orig.begin(), orig.end()));
+          }
+          // The vocabulary passes come in the same order on every rank (one global order).
+          std::vector<std::pair<op, int>> first;
+          for (int r = 0; r < p; ++r) {
+            std::vector<std::pair<op, int>> mine;
+            for (const action& a : l.for_rank(r))
+              if (is_vocabulary(a.kind)) mine.emplace_back(a.kind, a.microbatch);
+            if (r == 0) first = mine;
+            CHECK(mine == first);
+          }
+          // The same plan lowered twice is the same plan.
+          CHECK(lower(v) == l);
+        }
+}
+
+TEST_CASE("naive vocabulary passes are placed like two barriers", "[schedule][vocab]") {
+  for (const std::string_view schedule : {"1f1b", "interleaved", "v-half"})
+    for (int p = 1; p <= 6; ++p)
+      for (int m = 1; m <= 12; m += 3) {
+        const shape s{p, m, chunks_for(schedule)};
+        if (!accepted(schedule, s)) continue;
+        plan naive = make_vocab_plan(schedule, s, vocab_passes::naive);
+        const plan two = make_vocab_plan(schedule, s, vocab_passes::two_barrier);
+        INFO(schedule << " p=" << p << " m=" << m);
+        CHECK(naive.vocab == vocab_passes::naive);
+        CHECK(validate(naive).ok);
+        naive.vocab = vocab_passes::two_barrier;
+        CHECK(naive == two);
+      }
+  CHECK(vocab_barriers(vocab_passes::naive) == 2);
+  CHECK(vocab_passes_by_name("naive") == vocab_passes::naive);
+  CHECK(vocab_passes_by_name("one-barrier") == vocab_passes::one_barrier);
+  CHECK(vocab_passes_by_name("two-barrier") == vocab_passes::two_barrier);
+  CHECK(vocab_passes_by_name("none") == vocab_passes::none);
+  CHECK_FALSE(vocab_passes_by_name("two_barrier").has_value());
+}
+
+TEST_CASE("collective vocabulary passes in different orders on two ranks are caught",
+          "[schedule][vocab][lower]") {
+  const shape s{3, 4, 1};
+  const plan good = make_vocab_plan("1f1b", s, vocab_passes::one_barrier);
+  // Rank 1 runs IB of microbatch 0 and of microbatch 1 the other way round: as collectives they
+  // wait for each other forever.
+  plan bad = good;
+  auto& acts = bad.ranks[1];
+  const auto ib0 = std::find(acts.begin(), acts.end(), make_action(op::embed_backward, 1, 0));
+  const auto ib1 = std::find(acts.begin(), acts.end(), make_action(op::embed_backward, 1, 1));
+  REQUIRE(ib0 != acts.end());
+  REQUIRE(ib1 != acts.end());
+  std::iter_swap(ib0, ib1);
+  CHECK_THROWS_WITH(lower(bad), Catch::Contains("cannot execute with its vocabulary passes as "
+                                                "collectives: rank"));
+  // The same swap in a lowered plan: validate() names the deadlock.
+  plan lowered = lower(good);
+  auto& la = lowered.ranks[1];
+  const auto l0 = std::find(la.begin(), la.end(), make_action(op::embed_backward, 1, 0));
+  const auto l1 = std::find(la.begin(), la.end(), make_action(op::embed_backward, 1, 1));
+  REQUIRE(l0 != la.end());
+  REQUIRE(l1 != la.end());
+  std::iter_swap(l0, l1);
+  const validation v = validate(lowered);
+  CHECK(v.rule == "deadlock");
+  CHECK(std::string(v.detail).find("collective") != std::string::npos);
 }

@@ -58,8 +58,8 @@ struct value_index {
 // F(s) needs F(s-1)'s activation; B/BW(s) needs its own F(s) and, below the last stage,
 // B(s+1)'s input gradient (the last stage's backward starts from the loss); W(s) needs B(s).
 // With vocabulary passes: F(0) needs every rank's IF; the last stage's B/BW needs every rank's S
-// (one barrier) or T (two barriers); S needs the last stage's F (X is broadcast from it); T needs
-// every rank's S; IB needs the input gradient of virtual stage 0; IF needs nothing.
+// (one barrier) or T (two barriers, naive); S needs the last stage's F (X is broadcast from it); T
+// needs every rank's S; IB needs the input gradient of virtual stage 0; IF needs nothing.
 constexpr std::array<int, 2> inputs_of(const action& a, const value_index& idx) noexcept {
   const int s = a.stage, mb = a.microbatch;
   const int last = idx.virtual_stages - 1;
@@ -74,7 +74,7 @@ constexpr std::array<int, 2> inputs_of(const action& a, const value_index& idx) 
       return {idx(value_kind::activation, s, mb),
               s < last                                 ? idx(value_kind::input_grad, s + 1, mb)
               : idx.vocab == vocab_passes::one_barrier ? idx.gathered(value_kind::statistics, mb)
-              : idx.vocab == vocab_passes::two_barrier ? idx.gathered(value_kind::vocab_grad, mb)
+              : idx.vocab != vocab_passes::none        ? idx.gathered(value_kind::vocab_grad, mb)
                                                        : -1};
     case op::backward_weight:
       return {idx(value_kind::input_grad, s, mb), -1};

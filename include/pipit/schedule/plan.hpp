@@ -7,6 +7,7 @@
 #include <array>
 #include <concepts>
 #include <cstddef>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -20,13 +21,25 @@ namespace pipit::schedule {
 // Which vocabulary-parallel passes a plan carries (see vocab_passes.hpp): none, or the S, T, IF
 // and IB passes of every microbatch on every rank, with the dependencies of the paper's
 // Algorithm 2 (one barrier: the last stage's backward needs every rank's S) or Algorithm 1 (two
-// barriers: it needs every rank's T).
-enum class vocab_passes : unsigned char { none, one_barrier, two_barrier };
+// barriers: it needs every rank's T). naive (Megatron's vocabulary-parallel cross-entropy) has
+// the two-barrier dependencies: its separate max and sum reductions both sit between S and T.
+enum class vocab_passes : unsigned char { none, one_barrier, two_barrier, naive };
 
 constexpr std::string_view name(vocab_passes v) noexcept {
   return v == vocab_passes::none          ? "none"
          : v == vocab_passes::one_barrier ? "one-barrier"
-                                          : "two-barrier";
+         : v == vocab_passes::two_barrier ? "two-barrier"
+                                          : "naive";
+}
+
+// The names above, in enum order; vocab_passes_by_name parses them (nullopt when unknown).
+inline constexpr std::string_view vocab_passes_names[] = {"none", "one-barrier", "two-barrier",
+                                                          "naive"};
+
+constexpr std::optional<vocab_passes> vocab_passes_by_name(std::string_view text) noexcept {
+  for (int i = 0; i < 4; ++i)
+    if (text == vocab_passes_names[i]) return static_cast<vocab_passes>(i);
+  return std::nullopt;
 }
 
 struct plan {

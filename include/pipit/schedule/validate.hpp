@@ -6,8 +6,7 @@
 //   shape           the plan's shape is one some schedule accepts; one action list per rank
 //   range           stage and microbatch of every action are inside the shape
 //   placement       every action runs on the rank that holds its virtual stage
-//   unsupported     collective actions (C); S, T, IF or IB in a plan whose `vocab` is none; a
-//                   lowered plan with vocabulary passes
+//   unsupported     collective actions (C); S, T, IF or IB in a plan whose `vocab` is none
 //   communication   an unlowered plan has no send/recv; a lowered one names the right peers
 //   duplicate       a pass appears twice for one (stage, microbatch)
 //   mixed-backward  a (stage, microbatch) has both a combined BW and a split B or W
@@ -21,7 +20,8 @@
 //   send-after-produce (lowered) a value is sent before it is made, or sent/received twice
 //   unmatched       (lowered) a cross-rank dependency lacks its send or its receive
 //   cycle           (unlowered) the per-rank orders and the data dependencies form a cycle
-//   deadlock        (lowered) with blocking, grouped send/recv some rank waits forever
+//   deadlock        (lowered) with blocking, grouped send/recv (and blocking collectives for the
+//                   vocabulary passes) some rank waits forever
 
 #include <cstddef>
 #include <span>
@@ -65,10 +65,22 @@ constexpr validation failure(std::string_view rule, int rank, int index, action 
 
 // Deadlock check of a lowered plan under blocking, grouped point-to-point semantics: a rank
 // posts a step's communications together and leaves the step when every one of them has its
-// partner posted. Compute steps need nothing here (recv-before-use is checked statically).
+// partner posted. Compute steps need nothing here (recv-before-use is checked statically),
+// except vocabulary passes: they are blocking collectives, left when every rank has entered the
+// same pass (kind, microbatch).
 constexpr validation check_deadlock(const plan& p) {
   const value_index idx(p.shp);
   const int ranks = p.rank_count();
+  // arrivals[(kind - S) * microbatches + mb]: ranks that have entered that vocabulary pass.
+  std::vector<int> arrivals;
+  if (p.vocab != vocab_passes::none)
+    arrivals = filled(4 * static_cast<std::size_t>(p.shp.microbatches), 0);
+  const auto arrival = [&](const action& a) -> int& {
+    return arrivals[static_cast<std::size_t>(static_cast<int>(a.kind) -
+                                             static_cast<int>(op::vocab_s)) *
+                        static_cast<std::size_t>(p.shp.microbatches) +
+                    static_cast<std::size_t>(a.microbatch)];
+  };
   // posted[side][value]: the send (side 0) / receive (side 1) of this value has been posted.
   std::vector<unsigned char> posted =
       filled<unsigned char>(2 * static_cast<std::size_t>(idx.size()), 0);
@@ -97,6 +109,16 @@ constexpr validation check_deadlock(const plan& p) {
       while (at[ru] < steps[ru].size()) {
         const step& st = steps[ru][at[ru]];
         if (!st.communication) {
+          if (is_vocabulary(acts[st.begin].kind)) {
+            int& n = arrival(acts[st.begin]);
+            if (!entered[ru]) {
+              ++n;
+              entered[ru] = 1;
+              progress = true;
+            }
+            if (n < ranks) break;
+            entered[ru] = 0;
+          }
           ++at[ru];
           progress = true;
           continue;
@@ -124,7 +146,9 @@ constexpr validation check_deadlock(const plan& p) {
     if (at[ru] < steps[ru].size()) {
       const std::size_t i = steps[ru][at[ru]].begin;
       return failure("deadlock", r, static_cast<int>(i), p.for_rank(r)[i],
-                     "with blocking grouped send/recv this rank's step never completes");
+                     is_vocabulary(p.for_rank(r)[i].kind)
+                         ? "this collective vocabulary pass never gathers every rank"
+                         : "with blocking grouped send/recv this rank's step never completes");
     }
   }
   return {};
@@ -269,9 +293,6 @@ constexpr validation validate(const plan& p) {
           return failure(
               "unsupported", r, at, a,
               "a vocabulary pass in a plan without vocabulary passes (plan.vocab is none)");
-        if (p.lowered)
-          return failure("unsupported", r, at, a,
-                         "lowered plans with vocabulary passes are not supported");
         if (a.stage != stage_of(p.place, s, r, 0))
           return failure("placement", r, at, a,
                          "a vocabulary pass's stage must be its rank's chunk-0 virtual stage");

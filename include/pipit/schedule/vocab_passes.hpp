@@ -72,9 +72,10 @@
 
 namespace pipit::schedule {
 
-// Barriers per microbatch: 1 (one_barrier), 2 (two_barrier), 0 (none).
+// Barrier points per microbatch between the last stage's F and B: 1 (one_barrier), 2
+// (two_barrier, and naive, whose max and sum reductions share the first point), 0 (none).
 constexpr int vocab_barriers(vocab_passes v) noexcept {
-  return v == vocab_passes::one_barrier ? 1 : v == vocab_passes::two_barrier ? 2 : 0;
+  return v == vocab_passes::one_barrier ? 1 : v == vocab_passes::none ? 0 : 2;
 }
 
 // The schedules make_vocab_plan / add_vocab_passes support.
@@ -92,7 +93,7 @@ constexpr bool supports_vocab_passes(std::string_view schedule) noexcept {
 // the base is lowered, already has vocabulary passes or is invalid, or algorithm is none.
 constexpr plan insert_vocab_passes(const plan& base, vocab_passes algorithm) {
   if (algorithm == vocab_passes::none)
-    fail("pipit: insert_vocab_passes(): algorithm must be one_barrier or two_barrier");
+    fail("pipit: insert_vocab_passes(): algorithm must be one_barrier, two_barrier or naive");
   if (base.lowered || base.vocab != vocab_passes::none)
     fail("pipit: insert_vocab_passes(): plan '", base.schedule,
          "' must be unlowered and without vocabulary passes");
@@ -128,7 +129,7 @@ constexpr plan insert_vocab_passes(const plan& base, vocab_passes algorithm) {
   };
   std::vector<timed> passes;
   passes.reserve(4 * static_cast<std::size_t>(m));
-  const bool two = algorithm == vocab_passes::two_barrier;
+  const bool two = vocab_barriers(algorithm) == 2;
   for (int k = 0; k < m; ++k) {
     const auto ku = static_cast<std::size_t>(k);
     passes.push_back({f_last_end[ku], k, op::vocab_s});
