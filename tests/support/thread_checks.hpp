@@ -23,3 +23,8 @@ inline std::mutex& catch_mutex() {
     std::lock_guard<std::mutex> pipit_lock_(::pipit::testing::catch_mutex()); \
     REQUIRE(__VA_ARGS__);                                                     \
   } while (false)
+#define PIPIT_TCHECK_THROWS_WITH(expr, matcher)                               \
+  do {                                                                        \
+    std::lock_guard<std::mutex> pipit_lock_(::pipit::testing::catch_mutex()); \
+    CHECK_THROWS_WITH(expr, matcher);                                         \
+  } while (false)

@@ -31,11 +31,17 @@
 // parameters, the input and pass_info (draw randomness from pass_info::seed, which is equal on
 // both runs; parameters change only between steps).
 //
+// Vocabulary parallelism (vocab_layers.hpp): executor(pipeline, stage, vocab_layers, plan) runs a
+// plan with S, T, IF and IB passes (schedule::make_vocab_plan): the vocabulary layers compute the
+// first stage's input and the last stage's output gradient, and run their collectives over the
+// pipeline communicator inside those passes. vocab_layers::set_batch() gives each step's tokens.
+//
 // Data parallelism: after the last pass of a step, each span of stage.gradients() is summed over
 // the data-parallel group (comm.all_reduce with std::plus) and, by default, divided by the
 // group's size (gradient_reduction::average: replicas that each average over their own
 // microbatches then hold the average over the global batch).
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <exception>
@@ -52,6 +58,7 @@
 #include "pipit/runtime/pass_info.hpp"
 #include "pipit/runtime/program.hpp"
 #include "pipit/runtime/stage.hpp"
+#include "pipit/runtime/vocab_layers.hpp"
 #include "pipit/schedule/lower.hpp"
 #include "pipit/schedule/plan.hpp"
 #include "pipit/schedule/validate.hpp"
@@ -80,13 +87,21 @@ struct value_type_of<S> {
 };
 }  // namespace detail_executor
 
-template <class Stage, comm::communicator Comm>
+// The executor's Vocab parameter when the plan has no vocabulary passes.
+struct no_vocab_layers {};
+
+template <class Stage, comm::communicator Comm, class Vocab = no_vocab_layers>
 class executor {
   static_assert(check_stage<Stage>());
+  static constexpr bool has_vocab = is_vocab_layers<Vocab>::value;
+  static_assert(has_vocab || std::is_same_v<Vocab, no_vocab_layers>,
+                "pipit::runtime: the executor's vocabulary layers must be a "
+                "runtime::vocab_layers<Algorithm, T, Chunk>");
 
  public:
   using value_type = typename detail_executor::value_type_of<Stage>::type;
   using T = value_type;
+  using vocab_type = Vocab;
 
   // Pipeline only. Collective over `pipeline` (a group of plan.rank_count() ranks; this rank's
   // pipeline stage is pipeline.rank()).
@@ -110,6 +125,36 @@ class executor {
     prepare(plan);
   }
 
+  // Pipeline with vocabulary-parallel embedding and output layer (a plan with vocabulary
+  // passes). Collective over `pipeline`.
+  executor(Comm& pipeline, Stage& stage, Vocab& vocab, const schedule::plan& plan,
+           executor_options options = {}) requires is_vocab_layers<Vocab>::value
+      : comm_(&pipeline),
+        stage_(&stage),
+        vocab_(&vocab),
+        options_(options),
+        step_(options.first_step) {
+    check_vocab_type();
+    prepare(plan);
+  }
+
+  // ... and data parallelism: the vocabulary shards' gradients are reduced with the stage's.
+  executor(Comm& pipeline, Comm& data_parallel, Stage& stage, Vocab& vocab,
+           const schedule::plan& plan,
+           executor_options options = {}) requires is_vocab_layers<Vocab>::value
+      : comm_(&pipeline),
+        dp_(&data_parallel),
+        stage_(&stage),
+        vocab_(&vocab),
+        options_(options),
+        step_(options.first_step) {
+    check_vocab_type();
+    static_assert(stage_has_gradients<Stage>,
+                  "pipit::runtime: with a data-parallel group the stage must provide "
+                  "`gradients()`, a range of std::span<value_type> (its gradient buffers)");
+    prepare(plan);
+  }
+
   executor(const executor&) = delete;
   executor& operator=(const executor&) = delete;
   executor(executor&&) noexcept = default;
@@ -124,6 +169,7 @@ class executor {
       return std::span<const T>(base + r.offset, r.size);
     };
     Stage& st = *stage_;
+    if constexpr (has_vocab) vocab_->begin_step();
     for (const instruction& in : program_.code) {
       if (in.kind == instruction_kind::exchange) {
         comm_->exchange(
@@ -140,7 +186,7 @@ class executor {
       info.last = in.last;
       switch (in.kind) {
         case instruction_kind::forward:
-          if constexpr (stage_has_load_input<Stage>)
+          if constexpr (stage_has_load_input<Stage> && !has_vocab)
             if (in.first) st.load_input(std::as_const(info), buf(in.input));
           st.forward(std::as_const(info), cbuf(in.input), buf(in.output), buf(in.saved));
           break;
@@ -167,10 +213,28 @@ class executor {
                                cbuf(in.output_grad));
           }
           break;
+        case instruction_kind::embed_forward:
+          if constexpr (has_vocab)
+            vocab_->embed_forward(*comm_, std::as_const(info), buf(in.output));
+          break;
+        case instruction_kind::vocab_s:
+          if constexpr (has_vocab)
+            vocab_->output_statistics(*comm_, std::as_const(info), in.slot, cbuf(in.input),
+                                      buf(in.output_grad));
+          break;
+        case instruction_kind::vocab_t:
+          if constexpr (has_vocab)
+            vocab_->output_gradient(*comm_, std::as_const(info), in.slot, buf(in.output_grad));
+          break;
+        case instruction_kind::embed_backward:
+          if constexpr (has_vocab)
+            vocab_->embed_backward(*comm_, std::as_const(info), buf(in.input_grad));
+          break;
         case instruction_kind::exchange:
           break;
       }
     }
+    if constexpr (has_vocab) vocab_->end_step();
     if (dp_ != nullptr) reduce_gradients();
   }
 
@@ -192,16 +256,45 @@ class executor {
                     std::span<T>(base + in.saved.offset, in.saved.size));
   }
 
+  template <class G>
+  void reduce_one(std::span<G> s) {
+    const int n = dp_->size();
+    dp_->all_reduce(s, std::plus<>{});
+    if (options_.data_parallel == gradient_reduction::average && n > 1)
+      for (G& x : s) x = static_cast<G>(x / static_cast<G>(n));
+  }
+
   void reduce_gradients() {
-    if constexpr (stage_has_gradients<Stage>) {
-      const int n = dp_->size();
-      for (auto&& g : stage_->gradients()) {
-        std::span<T> s = g;
-        dp_->all_reduce(s, std::plus<>{});
-        if (options_.data_parallel == gradient_reduction::average && n > 1)
-          for (T& x : s) x = static_cast<T>(x / static_cast<T>(n));
-      }
+    if constexpr (stage_has_gradients<Stage>)
+      for (auto&& g : stage_->gradients()) reduce_one(std::span<T>(g));
+    if constexpr (has_vocab)
+      for (const auto g : vocab_->gradients()) reduce_one(g);
+  }
+
+  // Every rank's vocabulary layers must describe the same vocabulary, tokens and hidden size.
+  std::string agree_on_vocab() {
+    const std::array<double, 5> mine{
+        static_cast<double>(vocab_->shards().vocab_size()),
+        static_cast<double>(vocab_->shards().padded_size()), static_cast<double>(vocab_->tokens()),
+        static_cast<double>(vocab_->hidden()), static_cast<double>(vocab_->rank())};
+    std::vector<double> all(5 * static_cast<std::size_t>(comm_->size()));
+    comm_->all_gather(std::span<const double>(mine), std::span<double>(all));
+    for (int r = 0; r < comm_->size(); ++r) {
+      const double* o = all.data() + 5 * static_cast<std::size_t>(r);
+      if (o[0] != mine[0] || o[1] != mine[1] || o[2] != mine[2] || o[3] != mine[3] || o[4] != r)
+        return detail::concat(
+            "pipit::runtime: the vocabulary layers disagree (refused at start, every rank): rank ",
+            r, " has vocabulary ", o[0], " padded to ", o[1], ", ", o[2], " tokens, hidden ", o[3],
+            " as shard ", o[4], "; rank ", comm_->rank(), " has vocabulary ", mine[0],
+            " padded to ", mine[1], ", ", mine[2], " tokens, hidden ", mine[3]);
     }
+    return {};
+  }
+
+  static constexpr void check_vocab_type() {
+    if constexpr (has_vocab)
+      static_assert(std::is_same_v<typename Vocab::value_type, T>,
+                    "pipit::runtime: the vocabulary layers' value_type must be the stage's");
   }
 
   // Everything that can fail locally is caught and taken into the start-up agreement, so that
@@ -230,18 +323,48 @@ class executor {
                "' splits the backward into B and W passes, but the stage has only a combined "
                "backward(): give it backward_input() and backward_weight()");
       }
+      if constexpr (has_vocab) {
+        if (plan.vocab == schedule::vocab_passes::none)
+          fail("the executor has vocabulary layers but plan '", plan.schedule,
+               "' has no vocabulary passes (make it with schedule::make_vocab_plan)");
+        if (plan.vocab != Vocab::passes)
+          fail("plan '", plan.schedule, "' has ", schedule::name(plan.vocab),
+               " vocabulary passes but the vocabulary layers run ", schedule::name(Vocab::passes));
+        if (vocab_->shards().ranks() != comm_->size() || vocab_->rank() != rank)
+          fail("the vocabulary layers are rank ", vocab_->rank(), " of ", vocab_->shards().ranks(),
+               " shards; the pipeline rank is ", rank, " of ", comm_->size());
+      } else {
+        if (plan.vocab != schedule::vocab_passes::none)
+          fail("plan '", plan.schedule, "' has ", schedule::name(plan.vocab),
+               " vocabulary passes: give the executor runtime::vocab_layers to run them");
+      }
       sizes.resize(static_cast<std::size_t>(lowered.shp.chunks));
+      const int last_stage = lowered.shp.virtual_stages() - 1;
       for (int c = 0; c < lowered.shp.chunks; ++c) {
         chunk_sizes& z = sizes[static_cast<std::size_t>(c)];
         z.input = static_cast<std::size_t>(stage_->input_size(c));
         z.output = static_cast<std::size_t>(stage_->output_size(c));
         z.activation = static_cast<std::size_t>(stage_->activation_size(c));
-        if constexpr (!stage_has_load_input<Stage>)
-          if (schedule::stage_of(lowered.place, lowered.shp, rank, c) == 0 && z.input != 0)
+        const int s = schedule::stage_of(lowered.place, lowered.shp, rank, c);
+        if constexpr (has_vocab) {
+          if (s == 0 && z.input != vocab_->embedding_size())
+            fail("the first virtual stage has input_size ", z.input,
+                 " but the vocabulary layers' embedding output has ", vocab_->embedding_size(),
+                 " elements (tokens x hidden)");
+          if (s == last_stage && z.output != vocab_->embedding_size())
+            fail("the last virtual stage has output_size ", z.output,
+                 " but the vocabulary layers' output layer takes ", vocab_->embedding_size(),
+                 " elements (tokens x hidden)");
+        } else if constexpr (!stage_has_load_input<Stage>) {
+          if (s == 0 && z.input != 0)
             fail("the first virtual stage has input_size ", z.input,
                  " but the stage has no load_input() to fill it");
+        }
       }
       program_ = compile(lowered, rank, sizes, options_.rematerialize);
+      if constexpr (has_vocab)
+        vocab_->prepare(lowered.shp.microbatches, std::max(program_.vocab_slots, 1),
+                        lowered.rank_of(0), lowered.rank_of(last_stage));
     } catch (const std::exception& e) {
       problem = e.what();
       if (problem.empty()) problem = "unknown error";
@@ -250,10 +373,15 @@ class executor {
     std::string verdict =
         agree_to_start(*comm_, start_view{problem, hash, plan.shp, plan.rank_count(), sizeof(T)});
     if (verdict.empty()) verdict = agree_on_sizes(*comm_, lowered, sizes);
+    if constexpr (has_vocab)
+      if (verdict.empty()) verdict = agree_on_vocab();
     if (dp_ != nullptr) {
       std::vector<std::size_t> grad_sizes;
       if constexpr (stage_has_gradients<Stage>)
         for (auto&& g : stage_->gradients()) grad_sizes.push_back(std::span<T>(g).size());
+      if constexpr (has_vocab)
+        if (verdict.empty())
+          for (const auto g : vocab_->gradients()) grad_sizes.push_back(g.size());
       std::string dp_verdict =
           agree_data_parallel(*dp_, verdict.empty(), hash, rank, sizeof(T), grad_sizes);
       if (verdict.empty()) verdict = std::move(dp_verdict);
@@ -273,6 +401,7 @@ class executor {
   Comm* comm_ = nullptr;
   Comm* dp_ = nullptr;
   Stage* stage_ = nullptr;
+  Vocab* vocab_ = nullptr;
   executor_options options_;
   std::uint64_t step_ = 0;
   program program_;
@@ -291,6 +420,23 @@ executor<Stage, Comm> make_executor(Comm& pipeline, Stage& stage, const schedule
                 "backward_weight(), not only a combined backward()");
   return executor<Stage, Comm>(pipeline, stage, schedule::make_plan<Policy>(shape), options);
 }
+
+// Class template argument deduction: executor ex(comm, stage, plan), executor ex(pipeline,
+// data_parallel, stage, plan), executor ex(comm, stage, vocab, plan), executor ex(pipeline,
+// data_parallel, stage, vocab, plan).
+template <class Stage, comm::communicator Comm>
+executor(Comm&, Stage&, const schedule::plan&, executor_options = {}) -> executor<Stage, Comm>;
+template <class Stage, comm::communicator Comm>
+executor(Comm&, Comm&, Stage&, const schedule::plan&, executor_options = {})
+    -> executor<Stage, Comm>;
+template <class Stage, comm::communicator Comm, class Vocab>
+requires is_vocab_layers<Vocab>::value executor(Comm&, Stage&, Vocab&, const schedule::plan&,
+                                                executor_options = {})
+->executor<Stage, Comm, Vocab>;
+template <class Stage, comm::communicator Comm, class Vocab>
+requires is_vocab_layers<Vocab>::value executor(Comm&, Comm&, Stage&, Vocab&, const schedule::plan&,
+                                                executor_options = {})
+->executor<Stage, Comm, Vocab>;
 
 template <schedule::schedule_policy Policy, class Stage, comm::communicator Comm>
 executor<Stage, Comm> make_executor(Comm& pipeline, Comm& data_parallel, Stage& stage,

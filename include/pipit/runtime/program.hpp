@@ -17,6 +17,14 @@
 //   input_grad  written by B/BW(s) when s - 1 is on another rank; lives until its send (SB)
 // When the neighbouring stage is on the same rank (V placement's turn, interleaving on one
 // rank) no copy is made: F(s) writes straight into s + 1's input, B(s + 1) into s's output_grad.
+//
+// In a plan with vocabulary passes (vocab_layers.hpp) the first and the last virtual stage trade
+// values with the vocabulary layers instead of loading data and computing the loss:
+//   input of stage 0        written by IF (on stage 0's rank), read by F, B, W
+//   output of the last      written by F, read by S (X is broadcast from it)
+//   output_grad of the last written by S (one barrier) or T (two barriers, naive); read by B, W
+//   input_grad of stage 0   written by B/BW(0), read by IB (broadcast from it)
+// and microbatch k's vocabulary state lives from S_k to T_k in one of vocab_slots states.
 
 #include <algorithm>
 #include <cstddef>
@@ -75,8 +83,12 @@ enum class instruction_kind : std::uint8_t {
   forward,
   backward_input,
   backward_weight,
-  backward,  // combined
-  exchange,  // one step of sends and receives, posted together
+  backward,        // combined
+  exchange,        // one step of sends and receives, posted together
+  embed_forward,   // IF: the vocabulary-parallel input embedding (a collective)
+  vocab_s,         // S: the output layer's statistics pass (collectives)
+  vocab_t,         // T: the output layer's gradient pass (collectives)
+  embed_backward,  // IB: the embedding's backward (a collective)
 };
 
 struct instruction {
@@ -89,7 +101,9 @@ struct instruction {
   std::int32_t microbatch = 0;
   std::uint32_t first_transfer = 0;  // exchange: transfers [first_transfer, + transfer_count)
   std::uint32_t transfer_count = 0;
-  buffer_ref input, output, saved, output_grad, input_grad;  // output: B/BW's recompute target
+  std::int32_t slot = 0;  // S, T: the vocabulary state of the microbatch
+  // output: B/BW's recompute target, IF's result; input: S's X; input_grad: IB's gradient
+  buffer_ref input, output, saved, output_grad, input_grad;
 };
 
 struct transfer {
@@ -106,6 +120,7 @@ struct program {
   std::vector<transfer> transfers;
   std::vector<buffer_pool> pools;  // only the pools in use
   std::size_t arena_size = 0;      // elements
+  int vocab_slots = 0;             // microbatches in flight between S and T (vocabulary plans)
   std::size_t compute_actions = 0;
   std::size_t communication_actions = 0;
 
@@ -189,6 +204,12 @@ inline program compile(const schedule::plan& p, int rank, std::span<const chunk_
   };
   // scratch_use[c]: chunk c needs a scratch output; scratch_use[v + c]: a scratch saved.
   std::vector<unsigned char> scratch_use(2 * static_cast<std::size_t>(v), 0);
+  const bool vp = p.vocab != schedule::vocab_passes::none;
+  const bool one_barrier = p.vocab == schedule::vocab_passes::one_barrier;
+  const int first_chunk = here(0) ? chunk_of(0) : -1;
+  const int last_chunk = here(last_stage) ? chunk_of(last_stage) : -1;
+  // Vocabulary states: slot per microbatch, given at S and taken back at T.
+  std::vector<int> vocab_slot(static_cast<std::size_t>(m), -1), free_vocab_slots;
 
   // Pass 1: lifetimes.
   for (int t = 0; t < step_count; ++t) {
@@ -198,11 +219,13 @@ inline program compile(const schedule::plan& p, int rank, std::span<const chunk_
       const int s = a.stage, mb = a.microbatch, c = chunk_of(s);
       switch (a.kind) {
         case op::forward:
-          if (s == 0)
+          if (s == 0 && !vp)
             define(buffer_kind::input, c, mb, t);
           else
             use(buffer_kind::input, c, mb, t);
-          if (s == last_stage)
+          if (s == last_stage && vp)
+            define(buffer_kind::output, c, mb, t);
+          else if (s == last_stage)
             scratch_use[static_cast<std::size_t>(c)] = 1;
           else if (here(s + 1))
             define(buffer_kind::input, chunk_of(s + 1), mb, t);
@@ -222,19 +245,49 @@ inline program compile(const schedule::plan& p, int rank, std::span<const chunk_
           } else {
             use(buffer_kind::saved, c, mb, t);
           }
-          if (s < last_stage) use(buffer_kind::output_grad, c, mb, t);
+          if (s < last_stage || vp) use(buffer_kind::output_grad, c, mb, t);
           if (s > 0) {
             if (here(s - 1))
               define(buffer_kind::output_grad, chunk_of(s - 1), mb, t);
             else
               define(buffer_kind::input_grad, c, mb, t);
+          } else if (vp) {
+            define(buffer_kind::input_grad, c, mb, t);
           }
           break;
         case op::backward_weight:
           use(buffer_kind::input, c, mb, t);
           use(buffer_kind::saved, c, mb, t);
-          if (s < last_stage) use(buffer_kind::output_grad, c, mb, t);
+          if (s < last_stage || vp) use(buffer_kind::output_grad, c, mb, t);
           break;
+        case op::embed_forward:
+          if (first_chunk >= 0) define(buffer_kind::input, first_chunk, mb, t);
+          break;
+        case op::embed_backward:
+          if (first_chunk >= 0) use(buffer_kind::input_grad, first_chunk, mb, t);
+          break;
+        case op::vocab_s: {
+          if (last_chunk >= 0) {
+            use(buffer_kind::output, last_chunk, mb, t);
+            if (one_barrier) define(buffer_kind::output_grad, last_chunk, mb, t);
+          }
+          int& sl = vocab_slot[static_cast<std::size_t>(mb)];
+          if (sl >= 0) fail("pipit::runtime: rank ", rank, " runs S twice for microbatch ", mb);
+          if (free_vocab_slots.empty()) {
+            sl = out.vocab_slots++;
+          } else {
+            sl = free_vocab_slots.back();
+            free_vocab_slots.pop_back();
+          }
+          break;
+        }
+        case op::vocab_t: {
+          if (last_chunk >= 0 && !one_barrier) define(buffer_kind::output_grad, last_chunk, mb, t);
+          const int sl = vocab_slot[static_cast<std::size_t>(mb)];
+          if (sl < 0) fail("pipit::runtime: rank ", rank, " runs T before S for microbatch ", mb);
+          free_vocab_slots.push_back(sl);
+          break;
+        }
         case op::send_forward:
           use(buffer_kind::output, c, mb, t);
           break;
@@ -249,7 +302,7 @@ inline program compile(const schedule::plan& p, int rank, std::span<const chunk_
           break;
         default:
           fail("pipit::runtime: rank ", rank, " cannot execute action ", schedule::to_string(a),
-               " (the vocabulary and collective passes are not supported by the executor yet)");
+               " (collective actions are not placed by pipit's schedules)");
       }
     }
   }
@@ -408,13 +461,42 @@ inline program compile(const schedule::plan& p, int rank, std::span<const chunk_
     in.chunk = c;
     in.stage = s;
     in.microbatch = mb;
+    if (schedule::is_vocabulary(a.kind)) {
+      in.slot = vocab_slot[static_cast<std::size_t>(mb)];
+      switch (a.kind) {
+        case op::embed_forward:
+          in.kind = instruction_kind::embed_forward;
+          if (first_chunk >= 0) in.output = ref(buffer_kind::input, first_chunk, mb);
+          break;
+        case op::embed_backward:
+          in.kind = instruction_kind::embed_backward;
+          if (first_chunk >= 0) in.input_grad = ref(buffer_kind::input_grad, first_chunk, mb);
+          break;
+        case op::vocab_s:
+          in.kind = instruction_kind::vocab_s;
+          if (last_chunk >= 0) {
+            in.input = ref(buffer_kind::output, last_chunk, mb);
+            if (one_barrier) in.output_grad = ref(buffer_kind::output_grad, last_chunk, mb);
+          }
+          break;
+        default:  // vocab_t
+          in.kind = instruction_kind::vocab_t;
+          if (last_chunk >= 0 && !one_barrier)
+            in.output_grad = ref(buffer_kind::output_grad, last_chunk, mb);
+          break;
+      }
+      ++out.compute_actions;
+      out.code.push_back(in);
+      continue;
+    }
     in.first = s == 0;
     in.last = s == last_stage;
     in.input = ref(buffer_kind::input, c, mb);
     switch (a.kind) {
       case op::forward:
         in.kind = instruction_kind::forward;
-        in.output = s == last_stage ? scratch(buffer_kind::scratch_output, c)
+        in.output = s == last_stage ? (vp ? ref(buffer_kind::output, c, mb)
+                                          : scratch(buffer_kind::scratch_output, c))
                     : here(s + 1)   ? ref(buffer_kind::input, chunk_of(s + 1), mb)
                                     : ref(buffer_kind::output, c, mb);
         in.saved =
@@ -427,15 +509,17 @@ inline program compile(const schedule::plan& p, int rank, std::span<const chunk_
         in.recompute = rematerialize;
         if (rematerialize) in.output = scratch(buffer_kind::scratch_output, c);
         in.saved = ref(buffer_kind::saved, c, mb);
-        if (s < last_stage) in.output_grad = ref(buffer_kind::output_grad, c, mb);
+        if (s < last_stage || vp) in.output_grad = ref(buffer_kind::output_grad, c, mb);
         if (s > 0)
           in.input_grad = here(s - 1) ? ref(buffer_kind::output_grad, chunk_of(s - 1), mb)
                                       : ref(buffer_kind::input_grad, c, mb);
+        else if (vp)
+          in.input_grad = ref(buffer_kind::input_grad, c, mb);
         break;
       default:  // backward_weight
         in.kind = instruction_kind::backward_weight;
         in.saved = ref(buffer_kind::saved, c, mb);
-        if (s < last_stage) in.output_grad = ref(buffer_kind::output_grad, c, mb);
+        if (s < last_stage || vp) in.output_grad = ref(buffer_kind::output_grad, c, mb);
         break;
     }
     ++out.compute_actions;

@@ -105,17 +105,28 @@ class output_layer {
   output_layer(const vocab_shards& shards, int rank, matrix_view<const T> x,
                matrix_view<const T> weight, std::span<const std::int64_t> targets,
                const loss_options& opt = {})
-      : shards_(shards), rank_(rank), x_(x), w_(weight), targets_(targets), opt_(opt) {
+      : shards_(shards), rank_(rank), w_(weight), opt_(opt) {
     shards.check_rank(rank);
-    detail::check_view(x, static_cast<std::int64_t>(targets.size()), x.cols, "the input X");
-    detail::check_view(weight, shards.shard_size(), x.cols, "the weight shard");
-    check_loss_inputs<acc_type>(shards, targets, opt, {});
-    const auto real = shards.real_range_of(rank);
-    real_rows_ = real.size();
+    detail::check_view(weight, shards.shard_size(), weight.cols, "the weight shard");
+    real_rows_ = shards.real_rows(rank);
+    bind(x, targets);
+  }
+
+  // Points the layer at another microbatch's X and targets (same shards, rank, weight and
+  // options) and starts again from the S pass, keeping the buffers it has allocated: a pipeline
+  // runtime keeps one layer per microbatch in flight and rebinds it.
+  void bind(matrix_view<const T> x, std::span<const std::int64_t> targets) {
+    detail::check_view(x, static_cast<std::int64_t>(targets.size()), w_.cols, "the input X");
+    check_loss_inputs<acc_type>(shards_, targets, opt_, {});
+    x_ = x;
+    targets_ = targets;
+    const auto real = shards_.real_range_of(rank_);
     local_target_.resize(targets.size());
     for (std::size_t t = 0; t < targets.size(); ++t)
       local_target_[t] =
-          targets[t] == opt.ignore_index ? -1 : owned_row(targets[t], real.begin, real.end);
+          targets[t] == opt_.ignore_index ? -1 : owned_row(targets[t], real.begin, real.end);
+    x_acc_.clear();  // the widened copy of the previous X (16-bit inputs) is stale
+    phase_ = phase::constructed;
   }
 
   std::int64_t tokens() const noexcept { return x_.rows; }
