@@ -5,15 +5,15 @@
 //   pipit-plan --schedule 1f1b --stages 4 --microbatches 8
 //   pipit-plan --schedule all --stages 8 --microbatches 32 --cost f=1,b=1,w=1
 //   pipit-plan --schedule v-half --stages 4 --microbatches 12 --format svg --output v_half.svg
-//   pipit-plan --schedule 1f1b --stages 8 --microbatches 32 --vocab-passes one-barrier
-//   pipit-plan --schedule v-half --stages 8 --microbatches 32 --vocab-passes two-barrier
+//   pipit-plan --schedule 1f1b --stages 8 --microbatches 32 --vocab one-barrier
+//   pipit-plan --schedule v-half --stages 8 --microbatches 32 --vocab two-barrier
 //              --cost f=1,b=1,w=1,s=0.1,t=0.1,if=0.02,ib=0.02 --format svg --output vocab.svg
 //
 // Model mode (--model): a transformer, a partition of it over the pipeline, a hardware profile
 // and the schedule give every rank's compute and idle time, peak memory by category, and the
 // iteration time, tokens/s and MFU (pipit/sim/predict.hpp):
 //
-//   pipit-plan --model --layers 32 --hidden 3072 --heads 24 --seq 2048 --vocab 256000
+//   pipit-plan --model --layers 32 --hidden 3072 --heads 24 --seq 2048 --vocab-size 256000
 //       --stages 8 --microbatches 128 --hardware a100-80gb --schedule 1f1b --partition all
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
@@ -103,8 +103,8 @@ struct report {
   pipit::sim::result sim;
 };
 
-// With vocabulary passes (--vocab-passes) the plan is not lowered: lower() refuses the
-// collectives their dependencies imply, so `lowered` stays empty.
+// With vocabulary passes (--vocab) the lowered plan keeps S, T, IF, IB as collectives at one
+// point of every rank's list (schedule/lower.hpp).
 report run(const std::string& schedule, const ps::shape& s, const pipit::sim::costs& c,
            ps::vocab_passes vocab = ps::vocab_passes::none) {
   report r{vocab == ps::vocab_passes::none ? ps::make_plan_by_name(schedule, s)
@@ -112,11 +112,9 @@ report run(const std::string& schedule, const ps::shape& s, const pipit::sim::co
            {},
            {}};
   if (const auto v = ps::validate(r.plan); !v.ok) pipit::fail(schedule, ": ", ps::to_string(v));
-  if (vocab == ps::vocab_passes::none) {
-    r.lowered = ps::lower(r.plan);
-    if (const auto v = ps::validate(r.lowered); !v.ok)
-      pipit::fail(schedule, " (lowered): ", ps::to_string(v));
-  }
+  r.lowered = ps::lower(r.plan);
+  if (const auto v = ps::validate(r.lowered); !v.ok)
+    pipit::fail(schedule, " (lowered): ", ps::to_string(v));
   r.sim = pipit::sim::simulate(r.plan, c);
   return r;
 }
@@ -145,11 +143,7 @@ nlohmann::json to_json(const report& r, bool with_lowered) {
   j["bubble_fraction"] = r.sim.bubble_fraction;
   j["peak_activations"] = peak_max(r.sim);
   j["vocab_passes"] = std::string(ps::name(r.plan.vocab));
-  if (r.plan.vocab == ps::vocab_passes::none) {
-    j["messages"] = messages(r.lowered);
-  } else {
-    j["messages"] = nullptr;  // not lowered
-  }
+  j["messages"] = messages(r.lowered);
   j["ranks"] = nlohmann::json::array();
   for (int k = 0; k < r.plan.rank_count(); ++k) {
     const auto& st = r.sim.ranks[static_cast<std::size_t>(k)];
@@ -181,13 +175,12 @@ std::string table(const report& r) {
   os << "schedule " << r.plan.schedule << ": stages " << r.plan.shp.stages << ", microbatches "
      << r.plan.shp.microbatches << ", chunks " << r.plan.shp.chunks << " ("
      << ps::name(r.plan.place) << " placement)\n"
-     << "makespan " << fmt(r.sim.makespan) << ", bubble fraction " << fmt(r.sim.bubble_fraction);
-  if (r.plan.vocab == ps::vocab_passes::none) {
-    os << ", point-to-point messages " << messages(r.lowered) << "\n\n";
-  } else {
-    os << "\nvocabulary passes " << ps::name(r.plan.vocab)
-       << ": S, T, IF, IB of every microbatch on every rank (not lowered)\n\n";
-  }
+     << "makespan " << fmt(r.sim.makespan) << ", bubble fraction " << fmt(r.sim.bubble_fraction)
+     << ", point-to-point messages " << messages(r.lowered) << "\n";
+  if (r.plan.vocab != ps::vocab_passes::none)
+    os << "vocabulary passes " << ps::name(r.plan.vocab)
+       << ": S, T, IF, IB of every microbatch on every rank, each a collective\n";
+  os << "\n";
   char line[160];
   std::snprintf(line, sizeof line, "%6s %12s %12s %8s %18s\n", "rank", "busy", "idle", "bubble",
                 "peak activations");
@@ -443,15 +436,16 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"table", "json", "ascii", "svg", "chrome"}));
   app.add_option("--output,-o", output, "write to this file instead of standard output");
   app.add_flag("--lowered", with_lowered, "include the lowered actions (with send/recv) in JSON");
-  app.add_option("--vocab-passes", vocab_text,
-                 "vocabulary-parallel S, T, IF, IB passes on every rank (1f1b, interleaved, "
-                 "v-half); their durations: --cost s=,t=,if=,ib=")
-      ->check(CLI::IsMember({"none", "one-barrier", "two-barrier"}));
+  app.add_option("--vocab", vocab_text,
+                 "vocabulary parallelism: the output layer's algorithm. Plans: S, T, IF, IB "
+                 "passes on every rank (1f1b, interleaved, v-half; durations --cost "
+                 "s=,t=,if=,ib=). --model: the algorithm of --partition vocab-parallel")
+      ->check(CLI::IsMember({"none", "naive", "two-barrier", "one-barrier"}));
 
   // Model mode.
   bool model = false, no_flash = false;
   model_options mo;
-  std::string hardware = "a100-80gb", algorithm = "one-barrier";
+  std::string hardware = "a100-80gb";
   mo.partition = "naive";
   auto* g = app.add_option_group("model", "model mode: predict a transformer's iteration");
   auto* model_flag =
@@ -465,7 +459,7 @@ int main(int argc, char** argv) {
       ->needs(model_flag);
   g->add_option("--ffn", mo.model.ffn, "FFN inner size (default: 4 * hidden)")->needs(model_flag);
   g->add_option("--seq", mo.model.seq, "sequence length")->needs(model_flag);
-  g->add_option("--vocab", mo.model.vocab, "vocabulary size")->needs(model_flag);
+  g->add_option("--vocab-size", mo.model.vocab, "vocabulary size")->needs(model_flag);
   g->add_option("--microbatch-size", mo.model.microbatch_size, "sequences per microbatch")
       ->needs(model_flag);
   g->add_flag("--gated-mlp", mo.model.gated_mlp, "SwiGLU-style MLP (three h x ffn matrices)")
@@ -490,28 +484,19 @@ int main(int argc, char** argv) {
   g->add_option("--partition", mo.partition,
                 "naive, balanced, vocab-parallel, layout:\"E t*4 | ... | t*4 L\", or all")
       ->needs(model_flag);
-  g->add_option("--vocab-algorithm", algorithm,
-                "vocabulary-parallel output layer: naive, two-barrier or one-barrier")
-      ->check(CLI::IsMember({"naive", "two-barrier", "one-barrier"}))
-      ->needs(model_flag);
   CLI11_PARSE(app, argc, argv);
 
-  const ps::vocab_passes vocab = vocab_text == "one-barrier"   ? ps::vocab_passes::one_barrier
-                                 : vocab_text == "two-barrier" ? ps::vocab_passes::two_barrier
-                                                               : ps::vocab_passes::none;
+  const ps::vocab_passes vocab = *ps::vocab_passes_by_name(vocab_text);
   if (model) {
     try {
-      if (vocab != ps::vocab_passes::none)
-        pipit::fail(
-            "--vocab-passes places the passes in a plan; --model takes --partition "
-            "vocab-parallel and --vocab-algorithm instead");
       mo.model.flash_attention = !no_flash;
       mo.hw = pipit::cost::hardware_by_name(hardware);
       std::stringstream in(mo.hardware_settings);
       std::string item;
       while (std::getline(in, item, ',')) pipit::cost::set_field(mo.hw, item);
       pipit::cost::check(mo.hw);
-      mo.algorithm = pipit::cost::vocab_algorithm_by_name(algorithm);
+      // --vocab picks the vocab-parallel partition's algorithm (default one-barrier).
+      if (vocab_text != "none") mo.algorithm = pipit::cost::vocab_algorithm_by_name(vocab_text);
       if (schedule == "all")
         pipit::fail(
             "--model compares partitions (--partition all), not schedules: give one "
@@ -531,10 +516,6 @@ int main(int argc, char** argv) {
 
   try {
     const pipit::sim::costs costs = parse_costs(cost_text);
-    if (vocab != ps::vocab_passes::none && with_lowered)
-      pipit::fail(
-          "--lowered: plans with vocabulary passes are not lowered (lower() does not "
-          "write their collectives yet)");
     auto shape_for = [&](const std::string& name) {
       return ps::shape{stages, microbatches, chunks.value_or(ps::default_chunks(name))};
     };
@@ -552,17 +533,14 @@ int main(int argc, char** argv) {
          << " free_at_b=" << costs.free_at_b;
       if (vocab != ps::vocab_passes::none)
         os << " s=" << costs.vocab_s << " t=" << costs.vocab_t << " if=" << costs.embed_f
-           << " ib=" << costs.embed_b << ", vocabulary passes " << ps::name(vocab)
-           << " (messages: not lowered)";
+           << " ib=" << costs.embed_b << ", vocabulary passes " << ps::name(vocab);
       os << "\n\n" << line;
       for (const auto name : ps::all_policy_names) {
         const std::string n(name);
         try {
           const report r = run(n, shape_for(n), costs, vocab);
           all.push_back(to_json(r, with_lowered));
-          const std::string sent = vocab == ps::vocab_passes::none
-                                       ? std::to_string(messages(r.lowered))
-                                       : std::string("-");
+          const std::string sent = std::to_string(messages(r.lowered));
           std::snprintf(line, sizeof line, "%-12s %6d %10.3f %8.3f %10.3f %10.3f %9s\n", n.c_str(),
                         r.plan.shp.chunks, r.sim.makespan, r.sim.bubble_fraction, peak_max(r.sim),
                         r.sim.ranks[0].peak_activations, sent.c_str());
