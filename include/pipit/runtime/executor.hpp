@@ -90,6 +90,19 @@ struct value_type_of<S> {
 // The executor's Vocab parameter when the plan has no vocabulary passes.
 struct no_vocab_layers {};
 
+// What run(observer) calls around each instruction.
+template <class O>
+concept run_observer = requires(O& o, const instruction& in, const pass_info& info) {
+  o.begin(in, info);
+  o.end(in, info);
+};
+
+// The observer of run(): nothing.
+struct no_observer {
+  constexpr void begin(const instruction&, const pass_info&) const noexcept {}
+  constexpr void end(const instruction&, const pass_info&) const noexcept {}
+};
+
 template <class Stage, comm::communicator Comm, class Vocab = no_vocab_layers>
 class executor {
   static_assert(check_stage<Stage>());
@@ -161,7 +174,15 @@ class executor {
   executor& operator=(executor&&) noexcept = default;
 
   // One training step: every pass of this rank's plan, then the data-parallel reduction.
-  void run() {
+  void run() { run(no_observer{}); }
+
+  // The same step, telling `observer` when each instruction begins and ends (e.g. to record a
+  // measured timeline): observer.begin(instruction, pass_info) and observer.end(instruction,
+  // pass_info), where the pass_info of an exchange carries only the step. With no_observer the
+  // calls compile to nothing.
+  template <class Observer>
+  requires run_observer<Observer>
+  void run(Observer&& observer) {
     const std::uint64_t step = step_++;
     T* const base = arena_.data();
     const auto buf = [base](const buffer_ref& r) { return std::span<T>(base + r.offset, r.size); };
@@ -172,8 +193,12 @@ class executor {
     if constexpr (has_vocab) vocab_->begin_step();
     for (const instruction& in : program_.code) {
       if (in.kind == instruction_kind::exchange) {
+        pass_info info;
+        info.step = step;
+        observer.begin(in, std::as_const(info));
         comm_->exchange(
             std::span<comm::p2p_op>(ops_.data() + in.first_transfer, in.transfer_count));
+        observer.end(in, std::as_const(info));
         continue;
       }
       pass_info info;
@@ -184,6 +209,7 @@ class executor {
       info.seed = pass_seed(options_.seed, step, in.stage, in.microbatch);
       info.first = in.first;
       info.last = in.last;
+      observer.begin(in, std::as_const(info));
       switch (in.kind) {
         case instruction_kind::forward:
           if constexpr (stage_has_load_input<Stage> && !has_vocab)
@@ -233,6 +259,7 @@ class executor {
         case instruction_kind::exchange:
           break;
       }
+      observer.end(in, std::as_const(info));
     }
     if constexpr (has_vocab) vocab_->end_step();
     if (dp_ != nullptr) reduce_gradients();
