@@ -9,8 +9,9 @@ if(NOT PIPIT_ENABLE_CUDA STREQUAL "OFF")
   check_language(CUDA)
   if(CMAKE_CUDA_COMPILER)
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-      # Before enable_language, or nvcc's default (sm_75) is cached. Hopper at least.
-      set(CMAKE_CUDA_ARCHITECTURES 90)
+      # Before enable_language, or nvcc's default (sm_75) is cached. Ampere (A100) and Hopper
+      # (H100/H200): every .cu is checked to compile for both (docs/cuda.md: what it costs).
+      set(CMAKE_CUDA_ARCHITECTURES 80 90)
     endif()
     enable_language(CUDA)
     include(pipit_cuda_std20)

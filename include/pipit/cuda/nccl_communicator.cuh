@@ -31,6 +31,13 @@
 //   exception on one rank into an error on every rank, run the program inside
 //   pipit::comm::mpi::run (comm/mpi_communicator.hpp).
 // - Construction is blocking (ncclCommInitRank / ncclCommInitAll wait for every rank).
+// - Overlap with compute: the *_async collectives only enqueue on stream(), and wait_for(s) /
+//   signal(s) order stream() after / before another stream with an event (no host round trip):
+//     comm.wait_for(compute);                          // the statistics are written on compute
+//     comm.all_reduce_async(layer.stats(), vocab::merge_op{});
+//     comm.signal(compute);                            // compute's later work sees the result
+//   Asynchronous NCCL errors then surface at the next blocking call (synchronize(), a blocking
+//   collective, wait()).
 //
 // Making communicators:
 //   // one process per GPU: the unique id travels through MPI (or any host communicator) ...
@@ -225,6 +232,7 @@ class nccl_communicator {
     else if (!aborted_)
       (void)ncclCommAbort(comm_);
     if (scratch_) (void)cudaFree(scratch_);
+    if (order_) (void)cudaEventDestroy(order_);
     if (stream_) (void)cudaStreamDestroy(stream_);
     (void)cudaSetDevice(previous);
   }
@@ -235,6 +243,23 @@ class nccl_communicator {
   cudaStream_t stream() const noexcept { return stream_; }
   ncclComm_t native_handle() const noexcept { return comm_; }
   const nccl_options& options() const noexcept { return options_; }
+
+  // Work enqueued on stream() from now on starts after the work enqueued on `producer` so far.
+  void wait_for(cudaStream_t producer) {
+    check_usable("wait_for");
+    if (producer == stream_) return;
+    detail_nccl::device_guard on(device_);
+    PIPIT_CUDA_CHECK(cudaEventRecord(order_, producer));
+    PIPIT_CUDA_CHECK(cudaStreamWaitEvent(stream_, order_, 0));
+  }
+  // Work enqueued on `consumer` from now on starts after the work enqueued on stream() so far.
+  void signal(cudaStream_t consumer) {
+    check_usable("signal");
+    if (consumer == stream_) return;
+    detail_nccl::device_guard on(device_);
+    PIPIT_CUDA_CHECK(cudaEventRecord(order_, stream_));
+    PIPIT_CUDA_CHECK(cudaStreamWaitEvent(consumer, order_, 0));
+  }
 
   // Waits until everything enqueued on stream() is done.
   void synchronize() {
@@ -332,6 +357,12 @@ class nccl_communicator {
   template <class T, class Op>
   void all_reduce(std::span<T> data, Op op) {
     reduce_impl(data, op, -1, "all_reduce");
+    wait_stream("all_reduce", -1);
+  }
+  // Enqueues only (see wait_for / signal).
+  template <class T, class Op>
+  void all_reduce_async(std::span<T> data, Op op) {
+    reduce_impl(data, op, -1, "all_reduce_async");
   }
 
   // The result is valid on `root` (with a merge operator, on every rank).
@@ -339,10 +370,21 @@ class nccl_communicator {
   void reduce(std::span<T> data, Op op, int root) {
     check_root(root, "reduce");
     reduce_impl(data, op, root, "reduce");
+    wait_stream("reduce", -1);
+  }
+  template <class T, class Op>
+  void reduce_async(std::span<T> data, Op op, int root) {
+    check_root(root, "reduce_async");
+    reduce_impl(data, op, root, "reduce_async");
   }
 
   template <class T>
   void broadcast(std::span<T> data, int root) {
+    broadcast_async(data, root);
+    if (!data.empty()) wait_stream("broadcast", -1);
+  }
+  template <class T>
+  void broadcast_async(std::span<T> data, int root) {
     static_assert(std::is_trivially_copyable_v<T>,
                   "pipit::comm: elements must be trivially copyable");
     check_usable("broadcast");
@@ -351,7 +393,6 @@ class nccl_communicator {
     detail_nccl::device_guard on(device_);
     PIPIT_NCCL_CHECK(
         ncclBroadcast(data.data(), data.data(), data.size_bytes(), ncclInt8, root, comm_, stream_));
-    wait_stream("broadcast", -1);
   }
 
   // Rank r's `mine` lands at out[r * mine.size() ...].
@@ -410,12 +451,14 @@ class nccl_communicator {
     PIPIT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     PIPIT_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(int)));
     PIPIT_CUDA_CHECK(cudaMemset(scratch_, 0, sizeof(int)));
+    PIPIT_CUDA_CHECK(cudaEventCreateWithFlags(&order_, cudaEventDisableTiming));
   }
 
   void swap(nccl_communicator& o) noexcept {
     std::swap(options_, o.options_);
     std::swap(comm_, o.comm_);
     std::swap(stream_, o.stream_);
+    std::swap(order_, o.order_);
     std::swap(scratch_, o.scratch_);
     std::swap(device_, o.device_);
     std::swap(rank_, o.rank_);
@@ -532,13 +575,13 @@ class nccl_communicator {
       PIPIT_NCCL_CHECK(status);
       PIPIT_CUDA_CHECK(launched);
     }
-    wait_stream(what, -1);
   }
 
   nccl_options options_{};
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
-  int* scratch_ = nullptr;  // one device int for barrier()
+  cudaEvent_t order_ = nullptr;  // carries wait_for / signal orderings
+  int* scratch_ = nullptr;       // one device int for barrier()
   int device_ = 0;
   int rank_ = 0;
   int size_ = 0;
