@@ -271,3 +271,95 @@ TEST_CASE("run(observer) sees every instruction begin and end, vocabulary passes
     PIPIT_TCHECK(layers.loss().loss > 0);
   });
 }
+
+TEST_CASE("2 data-parallel x 2 pipeline ranks with vocabulary layers train like one process",
+          "[runtime][vocab][equivalence]") {
+  const auto cfg = base_config();
+  constexpr int m = 4, steps = 2, replicas = 2;
+  const auto batch_of = [&](int step, int replica) {
+    return pipit::testing::make_batch(cfg, m,
+                                      static_cast<std::uint64_t>(step * replicas + replica));
+  };
+  // The reference: per step, each replica's gradients on its own batch, averaged.
+  pipit::testing::vocab_reference ref(cfg);
+  std::vector<pipit::testing::vocab_snapshot> want;
+  for (int step = 0; step < steps; ++step) {
+    pipit::testing::vocab_snapshot avg{};
+    for (int q = 0; q < replicas; ++q) {
+      ref.step(batch_of(step, q), m);
+      if (q == 0) {
+        avg = {ref.loss, ref.valid, ref.ge, ref.gh, ref.gw, ref.gb};
+      } else {
+        avg.loss += ref.loss;
+        avg.ge += ref.ge;
+        avg.gh += ref.gh;
+        for (std::size_t l = 0; l < avg.gw.size(); ++l) {
+          avg.gw[l] += ref.gw[l];
+          avg.gb[l] += ref.gb[l];
+        }
+      }
+    }
+    avg.loss /= replicas;
+    avg.ge /= replicas;
+    avg.gh /= replicas;
+    for (std::size_t l = 0; l < avg.gw.size(); ++l) {
+      avg.gw[l] /= replicas;
+      avg.gb[l] /= replicas;
+    }
+    ref.ge = avg.ge;
+    ref.gh = avg.gh;
+    ref.gw = avg.gw;
+    ref.gb = avg.gb;
+    ref.sgd(pipit::testing::vocab_test_lr);
+    want.push_back(avg);
+  }
+  const ps::plan plan = ps::make_vocab_plan("1f1b", {2, m, 1}, ps::vocab_passes::one_barrier);
+  std::vector<double> worst(4, 0.0);
+  threads::run(4, [&](threads& world) {
+    const int replica = world.rank() / 2, pr = world.rank() % 2;
+    threads pipe = world.split(replica, pr);
+    threads data = world.split(pr, replica);
+    token_mlp_stage<double> stage(cfg, plan, pr);
+    const v::vocab_shards shards(cfg.vocab, 2);
+    const auto real = shards.real_range_of(pr);
+    const std::int64_t rows = shards.shard_size(), n = real.size();
+    row_matrix<double> e = row_matrix<double>::Zero(rows, cfg.hidden), h = e, ge = e, gh = e;
+    const auto e_full = pipit::testing::embedding_table<double>(cfg);
+    const auto h_full = pipit::testing::head_table<double>(cfg);
+    for (std::int64_t i = 0; i < n; ++i) {
+      e.row(i) = e_full.row(real.begin + i);
+      h.row(i) = h_full.row(real.begin + i);
+    }
+    rt::vocab_layers<v::one_barrier, double> layers(
+        shards, pr, cfg.tokens, {e.data(), rows, cfg.hidden}, {ge.data(), rows, cfg.hidden},
+        {h.data(), rows, cfg.hidden}, {gh.data(), rows, cfg.hidden}, {cfg.loss});
+    rt::executor ex(pipe, data, stage, layers, plan);
+    double& w = worst[static_cast<std::size_t>(world.rank())];
+    for (int step = 0; step < steps; ++step) {
+      const auto batch = batch_of(step, replica);
+      layers.set_batch(batch.tokens, batch.targets);
+      ex.run();
+      const auto& g = want[static_cast<std::size_t>(step)];
+      double loss = static_cast<double>(layers.loss().loss);
+      data.all_reduce(std::span<double>(&loss, 1), std::plus<>{});
+      w = std::max(w, std::abs(loss / replicas - g.loss) / std::max(1.0, std::abs(g.loss)));
+      for (int l = 0; l < cfg.layers; ++l)
+        if (stage.holds(l))
+          w = std::max(
+              {w,
+               pipit::testing::rel_error(stage.weight_grad(l), g.gw[static_cast<std::size_t>(l)]),
+               pipit::testing::rel_error(stage.bias_grad(l), g.gb[static_cast<std::size_t>(l)])});
+      w = std::max({w,
+                    (ge.topRows(n) - g.ge.middleRows(real.begin, n)).cwiseAbs().maxCoeff() /
+                        g.ge.cwiseAbs().maxCoeff(),
+                    (gh.topRows(n) - g.gh.middleRows(real.begin, n)).cwiseAbs().maxCoeff() /
+                        g.gh.cwiseAbs().maxCoeff()});
+      stage.sgd(pipit::testing::vocab_test_lr);
+      e -= pipit::testing::vocab_test_lr * ge;
+      h -= pipit::testing::vocab_test_lr * gh;
+      ge.setZero();
+      gh.setZero();
+    }
+  });
+  CHECK(*std::max_element(worst.begin(), worst.end()) <= 1e-12);
+}
