@@ -288,6 +288,25 @@ TEST_CASE("split makes independent 2 x 2 groups", "[mpi][comm]") {
   });
 }
 
+TEST_CASE("the point-to-point all-reduce algorithms run on split communicators too",
+          "[mpi][comm]") {
+  // Their tags (comm::collective_tag = 2^28 and up) must pass the MPI_TAG_UB check on a split
+  // communicator, which carries no MPI_TAG_UB attribute of its own.
+  REQUIRE(world_size() == 4);
+  for (const auto algo :
+       {all_reduce_algorithm::ring, all_reduce_algorithm::tree, all_reduce_algorithm::star})
+    run(
+        [](mpi& c) {
+          mpi half = c.split(c.rank() / 2, c.rank());
+          std::vector<double> v{double(c.rank()), 1.0};
+          half.all_reduce(std::span<double>(v), std::plus<>{});
+          const double want = c.rank() < 2 ? 0.0 + 1.0 : 2.0 + 3.0;
+          CHECK(v[0] == want);
+          CHECK(v[1] == 2.0);
+        },
+        quick(algo));
+}
+
 TEST_CASE("one rank's exception fails every rank with its name", "[mpi][comm][failure]") {
   REQUIRE(world_size() >= 3);
   const auto t0 = std::chrono::steady_clock::now();

@@ -716,9 +716,11 @@ class mpi {
     PIPIT_MPI_CHECK(MPI_Comm_set_errhandler(data, MPI_ERRORS_RETURN));
     PIPIT_MPI_CHECK(MPI_Comm_rank(data, &ch_->rank));
     PIPIT_MPI_CHECK(MPI_Comm_size(data, &ch_->size));
+    // MPI_TAG_UB is a property of the MPI library, cached only on MPI_COMM_WORLD: a split or
+    // duplicated communicator has no such attribute (Open MPI then reports none).
     void* attr = nullptr;
     int flag = 0;
-    PIPIT_MPI_CHECK(MPI_Comm_get_attr(data, MPI_TAG_UB, &attr, &flag));
+    PIPIT_MPI_CHECK(MPI_Comm_get_attr(MPI_COMM_WORLD, MPI_TAG_UB, &attr, &flag));
     if (flag && attr) ch_->tag_ub = *static_cast<int*>(attr);
     ch_->run_ranks.resize(static_cast<std::size_t>(ch_->size));
     if (is_run_comm) {
