@@ -332,10 +332,18 @@ class nccl_communicator {
 
   // One step's sends and receives as one NCCL group; returns when all are done.
   void exchange(std::span<comm::p2p_op> ops) {
+    if (!exchange_async(ops)) return;
+    detail_nccl::device_guard on(device_);
+    wait_stream("exchange", -1);
+  }
+
+  // The same group, only enqueued on stream() (see wait_for / signal). Returns false when there
+  // was nothing to enqueue.
+  bool exchange_async(std::span<comm::p2p_op> ops) {
     for (const comm::p2p_op& op : ops)
       check_p2p(op.peer, op.tag,
                 op.what == comm::p2p_op::kind::send ? "exchange(send)" : "exchange(recv)");
-    if (ops.empty()) return;
+    if (ops.empty()) return false;
     detail_nccl::device_guard on(device_);
     PIPIT_NCCL_CHECK(ncclGroupStart());
     ncclResult_t status = ncclSuccess;
@@ -349,7 +357,7 @@ class nccl_communicator {
     const ncclResult_t end = ncclGroupEnd();
     PIPIT_NCCL_CHECK(status);
     PIPIT_NCCL_CHECK(end);
-    wait_stream("exchange", -1);
+    return true;
   }
 
   // ---- collectives ------------------------------------------------------------------------------

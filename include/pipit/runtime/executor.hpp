@@ -54,6 +54,7 @@
 
 #include "pipit/comm/communicator.hpp"
 #include "pipit/core/error.hpp"
+#include "pipit/runtime/executor_options.hpp"
 #include "pipit/runtime/handshake.hpp"
 #include "pipit/runtime/pass_info.hpp"
 #include "pipit/runtime/program.hpp"
@@ -64,16 +65,6 @@
 #include "pipit/schedule/validate.hpp"
 
 namespace pipit::runtime {
-
-enum class gradient_reduction { sum, average };
-
-struct executor_options {
-  bool rematerialize = false;    // keep only chunk inputs; recompute the forward before B/BW
-  std::uint64_t seed = 0;        // folded into every pass_info::seed
-  std::uint64_t first_step = 0;  // pass_info::step of the first run()
-  gradient_reduction data_parallel = gradient_reduction::average;
-  bool validate = true;  // validate the (lowered) plan at construction
-};
 
 namespace detail_executor {
 template <class S>
