@@ -15,6 +15,13 @@
 //
 //   pipit-plan --model --layers 32 --hidden 3072 --heads 24 --seq 2048 --vocab-size 256000
 //       --stages 8 --microbatches 128 --hardware a100-80gb --schedule 1f1b --partition all
+//
+// Search mode (--search): the 3D planner (pipit/sim/search.hpp) — the model flags plus a cluster
+// and a global batch; prints the fastest configurations that fit and why the others were not
+// chosen (docs/planner.md):
+//
+//   pipit-plan --search --layers 96 --hidden 12288 --heads 96 --seq 2048 --vocab-size 51200
+//       --nodes 12 --gpus-per-node 8 --global-batch 1536 --hardware a100-80gb --top 5
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
@@ -44,6 +51,7 @@
 #include "pipit/schedule/validate.hpp"
 #include "pipit/schedule/vocab_passes.hpp"
 #include "pipit/sim/predict.hpp"
+#include "pipit/sim/search.hpp"
 #include "pipit/sim/simulate.hpp"
 
 namespace {
@@ -398,6 +406,154 @@ std::string run_model_mode(const model_options& o, const std::string& format) {
   return pipit::render::svg_timeline(r.pred.sim, r.plan, so);
 }
 
+// ---- search mode --------------------------------------------------------------------------------
+
+std::string search_config_text(const pipit::sim::search_entry& e) {
+  const auto& c = e.config;
+  char line[256];
+  std::snprintf(
+      line, sizeof line, "%3d %3d %4d %3d %3d %5d  %-11s %-14s %-11s %-3s", c.tensor, c.pipeline,
+      c.data, c.chunks, c.microbatch_size, c.microbatches, c.schedule.c_str(), c.partition.c_str(),
+      c.vocab_algorithm ? std::string(pipit::cost::name(*c.vocab_algorithm)).c_str() : "-",
+      c.recompute ? "yes" : "no");
+  return line;
+}
+
+std::string percent(double v) {
+  return fmt(100 * v, 1) + "%";
+}
+
+std::string search_table(const pipit::sim::search_result& r, const model_options& o) {
+  const auto& t = o.model;
+  const auto& cl = r.cluster;
+  const auto& hw = cl.device;
+  std::ostringstream os;
+  os << "model: " << t.layers << " layers, hidden " << t.hidden << ", heads " << t.heads << " (kv "
+     << t.kv() << "), ffn " << t.ffn_size() << (t.gated_mlp ? " gated" : "") << ", seq " << t.seq
+     << ", vocab " << t.vocab << "; "
+     << fmt(t.layers * pipit::cost::layer_parameters(t) / 1e9 +
+                (pipit::cost::embedding_parameters(t) + pipit::cost::output_parameters(t)) / 1e9,
+            1)
+     << "B parameters\n"
+     << "cluster: " << cl.nodes << " nodes x " << cl.gpus_per_node << " GPUs = " << cl.gpus() << " "
+     << hw.name << (o.hardware_settings.empty() ? "" : " (" + o.hardware_settings + ")") << ", "
+     << fmt(hw.memory_capacity / gib, 2) << " GiB each; intra-node "
+     << fmt(hw.collective.bandwidth / 1e9, 0) << " GB/s, inter-node "
+     << fmt(hw.inter_node.bandwidth / 1e9, 0) << " GB/s per GPU; global batch " << r.global_batch
+     << " sequences\n"
+     << "searched " << r.candidates << " configurations in " << fmt(r.seconds, 2)
+     << " s, simulated " << r.simulated << "\n\n";
+  char line[512];
+  std::snprintf(line, sizeof line,
+                "%4s %3s %3s %4s %3s %3s %5s  %-11s %-14s %-11s %-3s %10s %7s %9s %9s\n", "rank",
+                "t", "p", "d", "v", "b", "m", "schedule", "partition", "vocab", "rc", "tokens/s",
+                "MFU %", "iter s", "peak GiB");
+  os << line;
+  for (std::size_t k = 0; k < r.configs.size(); ++k) {
+    const auto& e = r.configs[k];
+    std::snprintf(line, sizeof line, "%4zu %s %10.0f %7.2f %9.3f %9.2f\n", k + 1,
+                  search_config_text(e).c_str(), e.tokens_per_second, 100 * e.mfu, e.iteration_time,
+                  e.peak_memory_bytes / gib);
+    os << line;
+  }
+  if (!r.configs.empty()) {
+    os << "\nlayout of #1: " << r.configs.front().layout << "\n";
+  }
+  const double best = r.configs.empty() ? 0 : r.configs.front().tokens_per_second;
+  os << "\nwhy not the others:\n";
+  const auto& nf = r.does_not_fit;
+  os << "  does not fit: " << nf.count << " (" << nf.bounded
+     << " refused on a memory lower bound without simulating)\n";
+  if (nf.fastest)
+    os << "    fastest of them: " << pipit::sim::describe(nf.fastest->config) << ": "
+       << fmt(nf.fastest->tokens_per_second, 0) << " tokens/s"
+       << (best > 0 ? " (" + std::string(nf.fastest->tokens_per_second >= best ? "+" : "") +
+                          percent(nf.fastest->tokens_per_second / best - 1) + " vs #1)"
+                    : "")
+       << " but " << fmt(nf.fastest->peak_memory_bytes / gib, 2) << " GiB, "
+       << fmt((nf.fastest->peak_memory_bytes - hw.memory_capacity) / gib, 2) << " GiB over\n";
+  if (nf.closest)
+    os << "    closest to fitting: " << pipit::sim::describe(nf.closest->config) << ": "
+       << (nf.closest->simulated ? "" : "at least ") << fmt(nf.closest->peak_memory_bytes / gib, 2)
+       << " GiB, " << fmt((nf.closest->peak_memory_bytes - hw.memory_capacity) / gib, 2)
+       << " GiB over\n";
+  const auto& w = r.worse;
+  os << "  fits but slower than #" << r.configs.size() << ": " << w.count << " (" << w.bounded
+     << " never simulated: their throughput bound is below #" << r.configs.size() << "'s)\n";
+  if (w.best)
+    os << "    fastest of them: " << pipit::sim::describe(w.best->config) << ": "
+       << fmt(w.best->tokens_per_second, 0) << " tokens/s, "
+       << percent(1 - w.best->tokens_per_second / best) << " slower than #1\n";
+  if (w.best_bounded)
+    os << "    best bound among the unsimulated: " << fmt(w.best_bounded->tokens_per_second, 0)
+       << " tokens/s, at least " << percent(1 - w.best_bounded->tokens_per_second / best)
+       << " slower than #1\n";
+  os << "  not applicable: " << r.not_applicable.count << "\n";
+  for (const auto& e : r.not_applicable.examples) os << "    e.g. " << e << "\n";
+  for (const auto& n : r.notes) os << "  excluded: " << n << "\n";
+  return os.str();
+}
+
+nlohmann::json search_entry_json(const pipit::sim::search_entry& e) {
+  const auto& c = e.config;
+  nlohmann::json j{
+      {"tensor", c.tensor},
+      {"pipeline", c.pipeline},
+      {"data", c.data},
+      {"chunks", c.chunks},
+      {"microbatch_size", c.microbatch_size},
+      {"microbatches", c.microbatches},
+      {"schedule", c.schedule},
+      {"partition", c.partition},
+      {"layout", e.layout},
+      {"vocab_algorithm", c.vocab_algorithm ? std::string(pipit::cost::name(*c.vocab_algorithm))
+                                            : std::string("none")},
+      {"recompute", c.recompute},
+      {"sequence_parallel", c.sequence_parallel},
+      {"tokens_per_second", e.tokens_per_second},
+      {"peak_memory_bytes", e.peak_memory_bytes},
+      {"simulated", e.simulated}};
+  if (e.simulated) {
+    j["iteration_time"] = e.iteration_time;
+    j["mfu"] = e.mfu;
+    j["bubble_fraction"] = e.bubble_fraction;
+    j["gradient_sync_time"] = e.gradient_sync_time;
+  }
+  return j;
+}
+
+nlohmann::json search_json(const pipit::sim::search_result& r) {
+  nlohmann::json j;
+  j["configs"] = nlohmann::json::array();
+  for (const auto& e : r.configs) j["configs"].push_back(search_entry_json(e));
+  const auto& hw = r.cluster.device;
+  j["cluster"] = {{"nodes", r.cluster.nodes},
+                  {"gpus_per_node", r.cluster.gpus_per_node},
+                  {"hardware", std::string(hw.name)},
+                  {"memory_capacity", hw.memory_capacity}};
+  j["global_batch"] = r.global_batch;
+  j["candidates"] = r.candidates;
+  j["simulated"] = r.simulated;
+  j["seconds"] = r.seconds;
+  auto opt = [](const std::optional<pipit::sim::search_entry>& e) {
+    return e ? search_entry_json(*e) : nlohmann::json(nullptr);
+  };
+  j["rejected"] = {{"does_not_fit",
+                    {{"count", r.does_not_fit.count},
+                     {"bounded", r.does_not_fit.bounded},
+                     {"fastest", opt(r.does_not_fit.fastest)},
+                     {"closest", opt(r.does_not_fit.closest)}}},
+                   {"worse",
+                    {{"count", r.worse.count},
+                     {"bounded", r.worse.bounded},
+                     {"best", opt(r.worse.best)},
+                     {"best_bounded", opt(r.worse.best_bounded)}}},
+                   {"not_applicable",
+                    {{"count", r.not_applicable.count}, {"examples", r.not_applicable.examples}}}};
+  j["notes"] = r.notes;
+  return j;
+}
+
 // Writes the result to standard output, or to `output` when given.
 void emit(const std::string& text, const std::string& output) {
   if (output.empty()) {
@@ -448,45 +604,134 @@ int main(int argc, char** argv) {
   std::string hardware = "a100-80gb";
   mo.partition = "naive";
   auto* g = app.add_option_group("model", "model mode: predict a transformer's iteration");
-  auto* model_flag =
-      g->add_flag("--model", model,
-                  "predict a transformer's iteration time, MFU and memory per rank (the options "
-                  "below; --stages, --microbatches, --chunks and --schedule as above)");
-  g->add_option("--layers", mo.model.layers, "transformer layers")->needs(model_flag);
-  g->add_option("--hidden", mo.model.hidden, "hidden size")->needs(model_flag);
-  g->add_option("--heads", mo.model.heads, "attention heads")->needs(model_flag);
-  g->add_option("--kv-heads", mo.model.kv_heads, "key/value heads (default: heads)")
-      ->needs(model_flag);
-  g->add_option("--ffn", mo.model.ffn, "FFN inner size (default: 4 * hidden)")->needs(model_flag);
-  g->add_option("--seq", mo.model.seq, "sequence length")->needs(model_flag);
-  g->add_option("--vocab-size", mo.model.vocab, "vocabulary size")->needs(model_flag);
-  g->add_option("--microbatch-size", mo.model.microbatch_size, "sequences per microbatch")
-      ->needs(model_flag);
-  g->add_flag("--gated-mlp", mo.model.gated_mlp, "SwiGLU-style MLP (three h x ffn matrices)")
-      ->needs(model_flag);
+  g->add_flag("--model", model,
+              "predict a transformer's iteration time, MFU and memory per rank (the options "
+              "below; --stages, --microbatches, --chunks and --schedule as above)");
+  g->add_option("--layers", mo.model.layers, "transformer layers");
+  g->add_option("--hidden", mo.model.hidden, "hidden size");
+  g->add_option("--heads", mo.model.heads, "attention heads");
+  g->add_option("--kv-heads", mo.model.kv_heads, "key/value heads (default: heads)");
+  g->add_option("--ffn", mo.model.ffn, "FFN inner size (default: 4 * hidden)");
+  g->add_option("--seq", mo.model.seq, "sequence length");
+  g->add_option("--vocab-size", mo.model.vocab, "vocabulary size");
+  g->add_option("--microbatch-size", mo.model.microbatch_size, "sequences per microbatch");
+  g->add_flag("--gated-mlp", mo.model.gated_mlp, "SwiGLU-style MLP (three h x ffn matrices)");
   g->add_flag("--learned-positions", mo.model.learned_positions,
-              "a learned position embedding (seq x hidden) on the first stage")
-      ->needs(model_flag);
-  g->add_flag("--no-flash-attention", no_flash, "store the attention scores (5as bytes/token)")
-      ->needs(model_flag);
-  g->add_flag("--recompute", mo.model.recompute, "full activation recomputation")
-      ->needs(model_flag);
+              "a learned position embedding (seq x hidden) on the first stage");
+  g->add_flag("--no-flash-attention", no_flash, "store the attention scores (5as bytes/token)");
+  g->add_flag("--recompute", mo.model.recompute, "full activation recomputation");
   g->add_option("--gradient-bytes", mo.model.bytes.gradient,
-                "bytes per weight gradient (default 4: fp32 accumulation; 2: 16-bit)")
-      ->needs(model_flag);
+                "bytes per weight gradient (default 4: fp32 accumulation; 2: 16-bit)");
   g->add_option("--hardware", hardware, "hardware profile")
-      ->check(CLI::IsMember({"a100-80gb", "h200"}))
-      ->needs(model_flag);
+      ->check(CLI::IsMember({"a100-80gb", "h200"}));
   g->add_option("--hardware-set", mo.hardware_settings,
                 "override profile fields: peak=,gemm=,attention=,bandwidth=,memory=,capacity=,"
-                "p2p_latency=,p2p_bandwidth=,collective_latency=,collective_bandwidth=")
-      ->needs(model_flag);
+                "p2p_latency=,p2p_bandwidth=,collective_latency=,collective_bandwidth=");
   g->add_option("--partition", mo.partition,
-                "naive, balanced, vocab-parallel, layout:\"E t*4 | ... | t*4 L\", or all")
-      ->needs(model_flag);
+                "naive, balanced, vocab-parallel, layout:\"E t*4 | ... | t*4 L\", or all");
+
+  // Search mode.
+  bool search = false;
+  pipit::cost::cluster cl;
+  pipit::sim::search_options so;
+  std::string search_schedules;
+  auto* sg = app.add_option_group("search", "search mode: the 3D configuration planner");
+  sg->add_flag("--search", search,
+               "find the fastest tensor x pipeline x data configurations that fit a cluster (the "
+               "model options above; docs/planner.md)");
+  auto* nodes_opt = sg->add_option("--nodes", cl.nodes, "nodes")->check(CLI::PositiveNumber);
+  auto* gpn_opt = sg->add_option("--gpus-per-node", cl.gpus_per_node, "GPUs per node")
+                      ->check(CLI::PositiveNumber);
+  auto* batch_opt =
+      sg->add_option("--global-batch", so.global_batch, "sequences per iteration (= d x b x m)");
+  auto* top_opt = sg->add_option("--top", so.top, "configurations to print (default 5)")
+                      ->check(CLI::PositiveNumber);
+  auto* mbs_opt = sg->add_option("--max-microbatch-size", so.max_microbatch_size,
+                                 "largest microbatch size tried (default 8)")
+                      ->check(CLI::PositiveNumber);
+  auto* chunks_opt =
+      sg->add_option("--max-chunks", so.max_chunks,
+                     "interleaved: model chunks per rank tried, 2 .. this (default 4)")
+          ->check(CLI::PositiveNumber);
+  auto* tensor_opt = sg->add_option("--tensor", so.tensor, "fix the tensor parallel size")
+                         ->check(CLI::PositiveNumber);
+  auto* pipeline_opt = sg->add_option("--pipeline", so.pipeline, "fix the pipeline parallel size")
+                           ->check(CLI::PositiveNumber);
+  auto* data_opt =
+      sg->add_option("--data", so.data, "fix the data parallel size")->check(CLI::PositiveNumber);
+  auto* scheds_opt = sg->add_option("--schedules", search_schedules,
+                                    "schedules tried, comma-separated (default "
+                                    "1f1b,interleaved,zb-h1,zb-h2,zb-v,v-half,v-min)");
+  std::string search_partitions;
+  auto* parts_opt = sg->add_option("--partitions", search_partitions,
+                                   "partitions tried, comma-separated (default "
+                                   "naive,balanced,vocab-parallel)");
+  auto* sp_opt = sg->add_flag("--sequence-parallel", so.sequence_parallel,
+                              "sequence parallelism with tensor parallelism");
+  auto* do_opt = sg->add_flag("--distributed-optimizer", so.distributed_optimizer,
+                              "optimizer states split over the data-parallel replicas");
+  auto* exh_opt = sg->add_flag("--exhaustive", so.exhaustive,
+                               "simulate every configuration that may fit (no throughput bound)");
   CLI11_PARSE(app, argc, argv);
 
+  // The model options need --model or --search; the search options need --search.
+  for (const CLI::Option* opt : g->get_options()) {
+    if (opt->get_name() == "--model" || opt->count() == 0) continue;
+    if (!model && !search) {
+      std::cerr << "pipit-plan: " << opt->get_name() << " needs --model or --search\n";
+      return 1;
+    }
+  }
+  for (const CLI::Option* opt :
+       {nodes_opt, gpn_opt, batch_opt, top_opt, mbs_opt, chunks_opt, tensor_opt, pipeline_opt,
+        data_opt, scheds_opt, parts_opt, sp_opt, do_opt, exh_opt})
+    if (opt->count() > 0 && !search) {
+      std::cerr << "pipit-plan: " << opt->get_name() << " needs --search\n";
+      return 1;
+    }
+
   const ps::vocab_passes vocab = *ps::vocab_passes_by_name(vocab_text);
+  if (search) {
+    try {
+      if (model) pipit::fail("--search and --model are two modes: give one");
+      // What the search chooses cannot also be given.
+      for (const char* name : {"--schedule", "--stages", "--microbatches", "--chunks",
+                               "--partition", "--microbatch-size", "--recompute", "--vocab"})
+        if (app.count(name) > 0)
+          pipit::fail("--search chooses ", name + 2,
+                      " itself (fix the sizes with --tensor, --pipeline, --data; restrict the "
+                      "schedules with --schedules)");
+      if (batch_opt->count() == 0) pipit::fail("--search needs --global-batch");
+      mo.model.flash_attention = !no_flash;
+      cl.device = pipit::cost::hardware_by_name(hardware);
+      std::stringstream in(mo.hardware_settings);
+      std::string item;
+      while (std::getline(in, item, ',')) pipit::cost::set_field(cl.device, item);
+      if (!search_schedules.empty()) {
+        so.schedules.clear();
+        std::stringstream ss(search_schedules);
+        while (std::getline(ss, item, ',')) so.schedules.push_back(item);
+      }
+      if (!search_partitions.empty()) {
+        so.partitions.clear();
+        std::stringstream ps_(search_partitions);
+        while (std::getline(ps_, item, ',')) so.partitions.push_back(item);
+      }
+      if (format != "table" && format != "json")
+        pipit::fail("--search prints a table or JSON (got --format ", format, ")");
+      const pipit::sim::search_result r = pipit::sim::search(mo.model, cl, so);
+      emit(format == "json" ? search_json(r).dump(2) + "\n" : search_table(r, mo), output);
+      if (r.configs.empty()) {
+        std::cerr << "pipit-plan: no configuration fits in "
+                  << fmt(cl.device.memory_capacity / gib, 2) << " GiB per GPU\n";
+        return 1;
+      }
+    } catch (const pipit::error& e) {
+      std::cerr << "pipit-plan: " << e.what() << "\n";
+      return 1;
+    }
+    return 0;
+  }
   if (model) {
     try {
       mo.model.flash_attention = !no_flash;

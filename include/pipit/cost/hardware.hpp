@@ -36,6 +36,10 @@ struct hardware {
   double memory_capacity = 0;     // device memory, bytes
   channel p2p{};                  // between neighbouring pipeline stages
   channel collective{};           // one hop of the ring collectives (vocabulary parallelism)
+  // Between GPUs of different nodes, per GPU (one network adapter per GPU, as in NVIDIA's DGX
+  // nodes). p2p and collective are the links within a node; the 3D planner (sim/search.hpp)
+  // uses this one for the groups that span nodes. Bandwidth 0: not given.
+  channel inter_node{};
 };
 
 // NVIDIA A100 80GB SXM.
@@ -46,6 +50,9 @@ struct hardware {
 //     on large FP16 GEMMs; attention 0.55: FlashAttention-2's forward range, its backward lower.
 //   memory 0.85: streaming kernels typically sustain 80–90% of HBM peak.
 //   latency 10 µs: assumed, the order of NCCL's small-message latency within one node.
+//   inter-node 25 GB/s per GPU each way: a DGX A100 has eight 200 Gb/s HDR InfiniBand adapters,
+//     one per GPU (the cluster of Narayanan et al., SC'21, §5); latency 20 µs: assumed, NCCL's
+//     small-message latency across InfiniBand is of that order.
 // The fractions are assumptions of this profile, not measurements of a given cluster: override
 // them (pipit-plan --hardware-set gemm=0.66) with numbers measured on yours.
 inline constexpr hardware a100_80gb{
@@ -58,6 +65,7 @@ inline constexpr hardware a100_80gb{
     .memory_capacity = 80.0 * (1ull << 30),
     .p2p = {.latency = 10e-6, .bandwidth = 300e9},
     .collective = {.latency = 10e-6, .bandwidth = 300e9},
+    .inter_node = {.latency = 20e-6, .bandwidth = 25e9},
 };
 
 // NVIDIA H200 SXM.
@@ -65,7 +73,9 @@ inline constexpr hardware a100_80gb{
 //   (H200 datasheet); NVLink 4: 900 GB/s per GPU both directions, 450 GB/s each way (ibid.).
 //   gemm 0.70: cuBLAS BF16 on Hopper sustains roughly 650–750 TFLOP/s on large GEMMs;
 //   attention 0.55: FlashAttention-3 reaches 740 TFLOP/s (75%) forward in FP16 on H100 (Shah et
-//   al., arXiv 2407.08608), the backward less; memory 0.85 and latency 10 µs as for the A100.
+//   al., arXiv 2407.08608), the backward less; memory 0.85 and latency 10 µs as for the A100;
+//   inter-node 50 GB/s per GPU each way: a DGX H200 has eight 400 Gb/s ConnectX-7 adapters, one
+//   per GPU (DGX H200 datasheet); latency 20 µs assumed as for the A100.
 inline constexpr hardware h200{
     .name = "h200",
     .peak_flops = 989e12,
@@ -76,6 +86,7 @@ inline constexpr hardware h200{
     .memory_capacity = 141e9,
     .p2p = {.latency = 10e-6, .bandwidth = 450e9},
     .collective = {.latency = 10e-6, .bandwidth = 450e9},
+    .inter_node = {.latency = 20e-6, .bandwidth = 50e9},
 };
 
 inline constexpr std::array<const hardware*, 2> hardware_presets{&a100_80gb, &h200};
@@ -97,9 +108,12 @@ constexpr const hardware& check(const hardware& hw) {
   positive("memory_capacity", hw.memory_capacity);
   positive("p2p.bandwidth", hw.p2p.bandwidth);
   positive("collective.bandwidth", hw.collective.bandwidth);
-  if (hw.p2p.latency < 0 || hw.collective.latency < 0)
+  if (hw.p2p.latency < 0 || hw.collective.latency < 0 || hw.inter_node.latency < 0)
     fail("pipit: hardware '", hw.name, "': latencies must be >= 0 (p2p ", hw.p2p.latency,
-         ", collective ", hw.collective.latency, ")");
+         ", collective ", hw.collective.latency, ", inter_node ", hw.inter_node.latency, ")");
+  if (hw.inter_node.bandwidth < 0)
+    fail("pipit: hardware '", hw.name, "': inter_node.bandwidth must be >= 0 (0: not given; got ",
+         hw.inter_node.bandwidth, ")");
   return hw;
 }
 
@@ -121,7 +135,7 @@ inline hardware hardware_by_name(std::string_view name) {
 
 // Sets one field from text, e.g. "gemm=0.66", "peak=312e12", "p2p_bandwidth=50e9". The keys:
 // peak, gemm, attention, bandwidth, memory, capacity, p2p_latency, p2p_bandwidth,
-// collective_latency, collective_bandwidth.
+// collective_latency, collective_bandwidth, inter_node_latency, inter_node_bandwidth.
 inline void set_field(hardware& hw, std::string_view item) {
   const auto eq = item.find('=');
   if (eq == std::string_view::npos) fail("pipit: hardware setting '", item, "' is not key=value");
@@ -143,7 +157,9 @@ inline void set_field(hardware& hw, std::string_view item) {
                           {"p2p_latency", &hw.p2p.latency},
                           {"p2p_bandwidth", &hw.p2p.bandwidth},
                           {"collective_latency", &hw.collective.latency},
-                          {"collective_bandwidth", &hw.collective.bandwidth}};
+                          {"collective_bandwidth", &hw.collective.bandwidth},
+                          {"inter_node_latency", &hw.inter_node.latency},
+                          {"inter_node_bandwidth", &hw.inter_node.bandwidth}};
   std::string known;
   for (const field& f : fields) {
     if (f.key == key) {

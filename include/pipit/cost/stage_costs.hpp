@@ -13,6 +13,11 @@
 // rank's activations in flight (p + 1 on rank 0 for one barrier, p + 2 for two), and each rank
 // keeps its fp32 softmax shard and the broadcast input for each S/T pair in flight: one per
 // barrier, since T(k − 1) runs right before S(k) (ibid.).
+//
+// With tensor parallelism (tensor_parallel.hpp) every number is one rank's of the group: the
+// layers' work, activations and parameters split as Megatron splits them, the LM head and the
+// embedding over the vocabulary; under vocabulary parallelism the vocabulary is sharded over the
+// pipeline × tensor ranks (p·t shards).
 
 #include <algorithm>
 #include <cstddef>
@@ -21,6 +26,7 @@
 #include "pipit/core/error.hpp"
 #include "pipit/cost/flops.hpp"
 #include "pipit/cost/memory.hpp"
+#include "pipit/cost/tensor_parallel.hpp"
 #include "pipit/cost/transformer.hpp"
 #include "pipit/cost/vocab_algorithm.hpp"
 #include "pipit/cost/work.hpp"
@@ -58,11 +64,13 @@ struct model_costs {
   vocab_parallel_work vocab{};  // one rank's share of the vocabulary layers (vocab_parallel)
 };
 
-// Throws pipit::error when the partition does not fit the model (layer count).
+// Throws pipit::error when the partition does not fit the model (layer count) or the tensor
+// parallel size does not split it.
 inline model_costs stage_costs(const transformer& t, const partition::partition& part,
-                               vocab_algorithm alg = vocab_algorithm::one_barrier) {
+                               vocab_algorithm alg, const tensor_parallel& tp) {
   check(t);
   check(part);
+  check(tp, t);
   if (part.layer_count() != t.layers)
     fail("pipit: the partition holds ", part.layer_count(),
          " transformer layers but the model has ", t.layers,
@@ -73,32 +81,34 @@ inline model_costs stage_costs(const transformer& t, const partition::partition&
   mc.stages.resize(static_cast<std::size_t>(part.virtual_stages()));
   mc.ranks.resize(static_cast<std::size_t>(p));
 
-  const pass_work layer = layer_work(t);
+  const pass_work layer = layer_work(t, tp);
   for (int s = 0; s < part.virtual_stages(); ++s) {
     const auto& st = part.stages[static_cast<std::size_t>(s)];
     stage_cost& c = mc.stages[static_cast<std::size_t>(s)];
     c.work = layer * st.layers;
-    c.activation_bytes = st.layers * layer_activation_bytes(t);
-    c.weight_grad_bytes = st.layers * layer_weight_grad_bytes(t);
-    c.workspace_bytes = st.layers > 0 ? layer_workspace_bytes(t) : 0;
-    c.parameters = st.layers * layer_parameters(t);
+    c.activation_bytes = st.layers * layer_activation_bytes(t, tp);
+    c.weight_grad_bytes = st.layers * layer_weight_grad_bytes(t, tp);
+    c.workspace_bytes = st.layers > 0 ? layer_workspace_bytes(t, tp) : 0;
+    c.parameters = st.layers * layer_parameters(t, tp);
     if (st.embedding) {
       c.work += embedding_work(t);
-      c.parameters += embedding_parameters(t);
+      c.parameters += embedding_parameters(t, tp);
     }
     if (st.output) {
-      c.work += output_work(t);
-      c.activation_bytes += output_activation_bytes(t);
-      c.weight_grad_bytes += output_weight_grad_bytes(t);
-      c.workspace_bytes = std::max(c.workspace_bytes, output_workspace_bytes(t));
-      c.parameters += output_parameters(t);
+      const double rows = vocab_entries(t, tp);
+      c.work += output_work(t, tp);
+      c.activation_bytes += output_activation_bytes(t, rows);
+      c.weight_grad_bytes += output_weight_grad_bytes(t, rows);
+      c.workspace_bytes = std::max(c.workspace_bytes, output_workspace_bytes(t, rows));
+      c.parameters += output_parameters(t, tp);
     }
   }
 
   if (part.vocab_parallel) {
     mc.barriers = barriers(alg);
-    mc.vocab = vocab_work(t, p, alg);
-    const double shard = vocab_shard(t, p), n = t.tokens(), x = t.bytes.activation;
+    const int shards = p * tp.size;
+    mc.vocab = vocab_work(t, shards, alg);
+    const double shard = vocab_shard(t, shards), n = t.tokens(), x = t.bytes.activation;
     // Each chunk of a rank takes 1/v of the rank's share.
     pass_work share;
     share.f = mc.vocab.s + mc.vocab.input_f;
@@ -136,6 +146,11 @@ inline model_costs stage_costs(const transformer& t, const partition::partition&
     rc.workspace_bytes = std::max(rc.workspace_bytes, c.workspace_bytes);
   }
   return mc;
+}
+
+inline model_costs stage_costs(const transformer& t, const partition::partition& part,
+                               vocab_algorithm alg = vocab_algorithm::one_barrier) {
+  return stage_costs(t, part, alg, tensor_parallel{});
 }
 
 }  // namespace pipit::cost
