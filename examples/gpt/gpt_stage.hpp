@@ -316,7 +316,7 @@ class gpt_stage {
     const auto add = [this, &layer](tensor_id id, auto& value, auto& grad) {
       params_.push_back({std::span<T>(value.data(), static_cast<std::size_t>(value.size())),
                          std::span<T>(grad.data(), static_cast<std::size_t>(grad.size())),
-                         tensor_key(layer, id)});
+                         tensor_key(layer, id), 0});
     };
     if (tokens_) add(tensor_id::token_embedding, tokens_->e, tokens_->d_e);
     if (positions_) add(tensor_id::position_embedding, positions_->p, positions_->d_p);

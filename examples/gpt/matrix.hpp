@@ -43,7 +43,8 @@ template <class T>
 struct parameter {
   std::span<T> value;
   std::span<T> grad;
-  std::uint64_t key = 0;  // which tensor (config.hpp: tensor_key)
+  std::uint64_t key = 0;   // which tensor (config.hpp: tensor_key)
+  std::size_t offset = 0;  // where `value` starts in the whole tensor (vocabulary shards)
 };
 
 }  // namespace gpt
