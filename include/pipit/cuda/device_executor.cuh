@@ -59,6 +59,7 @@
 #include "pipit/runtime/pass_info.hpp"
 #include "pipit/runtime/program.hpp"
 #include "pipit/runtime/stage.hpp"
+#include "pipit/runtime/stage_pass.hpp"
 #include "pipit/schedule/lower.hpp"
 #include "pipit/schedule/plan.hpp"
 #include "pipit/schedule/validate.hpp"
@@ -146,12 +147,6 @@ class device_executor {
   void run() {
     const std::uint64_t step = step_++;
     T* const base = arena_.data();
-    const auto buf = [base](const runtime::buffer_ref& r) {
-      return std::span<T>(base + r.offset, r.size);
-    };
-    const auto cbuf = [base](const runtime::buffer_ref& r) {
-      return std::span<const T>(base + r.offset, r.size);
-    };
     Stage& st = *stage_;
     int exchange = 0, waited = -1;
     for (std::size_t i = 0; i < program_.code.size(); ++i) {
@@ -179,38 +174,7 @@ class device_executor {
       info.seed = runtime::pass_seed(options_.seed, step, in.stage, in.microbatch);
       info.first = in.first;
       info.last = in.last;
-      switch (in.kind) {
-        case runtime::instruction_kind::forward:
-          if constexpr (runtime::stage_has_load_input<Stage>)
-            if (in.first) st.load_input(std::as_const(info), buf(in.input));
-          st.forward(std::as_const(info), cbuf(in.input), buf(in.output), buf(in.saved));
-          break;
-        case runtime::instruction_kind::backward_input:
-          if (in.recompute) recompute(info, in, base);
-          if constexpr (runtime::split_backward_stage<Stage>)
-            st.backward_input(std::as_const(info), cbuf(in.input), buf(in.saved),
-                              cbuf(in.output_grad), buf(in.input_grad));
-          break;
-        case runtime::instruction_kind::backward_weight:
-          if constexpr (runtime::split_backward_stage<Stage>)
-            st.backward_weight(std::as_const(info), cbuf(in.input), cbuf(in.saved),
-                               cbuf(in.output_grad));
-          break;
-        case runtime::instruction_kind::backward:
-          if (in.recompute) recompute(info, in, base);
-          if constexpr (runtime::stage_has_backward<Stage>) {
-            st.backward(std::as_const(info), cbuf(in.input), buf(in.saved), cbuf(in.output_grad),
-                        buf(in.input_grad));
-          } else {
-            st.backward_input(std::as_const(info), cbuf(in.input), buf(in.saved),
-                              cbuf(in.output_grad), buf(in.input_grad));
-            st.backward_weight(std::as_const(info), cbuf(in.input), cbuf(in.saved),
-                               cbuf(in.output_grad));
-          }
-          break;
-        default:  // vocabulary passes are refused at construction
-          break;
-      }
+      runtime::run_stage_pass(st, in, std::as_const(info), base, true);
     }
     // The step's last messages are in flight on the communication stream: later compute (the
     // optimizer, the next step) must not overwrite what they read or use what they write
@@ -236,13 +200,6 @@ class device_executor {
   const std::vector<int>& exchange_dependencies() const noexcept { return needs_; }
 
  private:
-  void recompute(runtime::pass_info info, const runtime::instruction& in, T* base) {
-    info.recompute = true;
-    stage_->forward(std::as_const(info), std::span<const T>(base + in.input.offset, in.input.size),
-                    std::span<T>(base + in.output.offset, in.output.size),
-                    std::span<T>(base + in.saved.offset, in.saved.size));
-  }
-
   template <class Host>
   void prepare(Host& host, const schedule::plan& plan) {
     const int rank = host.rank();

@@ -59,6 +59,7 @@
 #include "pipit/runtime/pass_info.hpp"
 #include "pipit/runtime/program.hpp"
 #include "pipit/runtime/stage.hpp"
+#include "pipit/runtime/stage_pass.hpp"
 #include "pipit/runtime/vocab_layers.hpp"
 #include "pipit/schedule/lower.hpp"
 #include "pipit/schedule/plan.hpp"
@@ -203,32 +204,10 @@ class executor {
       observer.begin(in, std::as_const(info));
       switch (in.kind) {
         case instruction_kind::forward:
-          if constexpr (stage_has_load_input<Stage> && !has_vocab)
-            if (in.first) st.load_input(std::as_const(info), buf(in.input));
-          st.forward(std::as_const(info), cbuf(in.input), buf(in.output), buf(in.saved));
-          break;
         case instruction_kind::backward_input:
-          if (in.recompute) recompute(info, in, base);
-          if constexpr (split_backward_stage<Stage>)
-            st.backward_input(std::as_const(info), cbuf(in.input), buf(in.saved),
-                              cbuf(in.output_grad), buf(in.input_grad));
-          break;
         case instruction_kind::backward_weight:
-          if constexpr (split_backward_stage<Stage>)
-            st.backward_weight(std::as_const(info), cbuf(in.input), cbuf(in.saved),
-                               cbuf(in.output_grad));
-          break;
         case instruction_kind::backward:
-          if (in.recompute) recompute(info, in, base);
-          if constexpr (stage_has_backward<Stage>) {
-            st.backward(std::as_const(info), cbuf(in.input), buf(in.saved), cbuf(in.output_grad),
-                        buf(in.input_grad));
-          } else {
-            st.backward_input(std::as_const(info), cbuf(in.input), buf(in.saved),
-                              cbuf(in.output_grad), buf(in.input_grad));
-            st.backward_weight(std::as_const(info), cbuf(in.input), cbuf(in.saved),
-                               cbuf(in.output_grad));
-          }
+          run_stage_pass(st, in, std::as_const(info), base, !has_vocab);
           break;
         case instruction_kind::embed_forward:
           if constexpr (has_vocab)
@@ -267,13 +246,6 @@ class executor {
   std::size_t stash_bytes() const noexcept { return arena_.size() * sizeof(T); }
 
  private:
-  void recompute(pass_info info, const instruction& in, T* base) {
-    info.recompute = true;
-    stage_->forward(std::as_const(info), std::span<const T>(base + in.input.offset, in.input.size),
-                    std::span<T>(base + in.output.offset, in.output.size),
-                    std::span<T>(base + in.saved.offset, in.saved.size));
-  }
-
   template <class G>
   void reduce_one(std::span<G> s) {
     const int n = dp_->size();
