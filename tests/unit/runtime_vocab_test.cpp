@@ -269,6 +269,14 @@ TEST_CASE("run(observer) sees every instruction begin and end, vocabulary passes
     PIPIT_TCHECK(seen.size() == 4u * static_cast<std::size_t>(s.microbatches));
     // An observed step trains exactly like an unobserved one: the loss is finite and positive.
     PIPIT_TCHECK(layers.loss().loss > 0);
+    // The states in flight between S and T (2 on every rank here) hold X and g each, plus their
+    // output layers' workspaces: at least that much is reported, and a second step allocates
+    // nothing more.
+    const std::size_t after_one = layers.workspace_bytes();
+    PIPIT_TCHECK(after_one >= static_cast<std::size_t>(ex.compiled().vocab_slots) *
+                                  layers.embedding_size() * sizeof(double));
+    ex.run();
+    PIPIT_TCHECK(layers.workspace_bytes() == after_one);
   });
 }
 

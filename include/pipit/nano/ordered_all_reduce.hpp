@@ -31,13 +31,10 @@ class ordered_all_reduce {
   // max_elements: the largest call; scratch for the peers' partials is allocated once, here.
   ordered_all_reduce(C& comm, std::int64_t max_elements)
       : comm_(&comm),
-        max_(max_elements),
+        max_(checked(max_elements)),
         scratch_(static_cast<std::size_t>(max_elements) *
                  static_cast<std::size_t>(comm.size() > 1 ? comm.size() - 1 : 0)),
-        requests_(2 * static_cast<std::size_t>(comm.size())) {
-    if (max_elements < 0)
-      fail("pipit::nano::ordered_all_reduce: max_elements ", max_elements, " < 0");
-  }
+        requests_(2 * static_cast<std::size_t>(comm.size())) {}
 
   // data: this rank's partial in, the sum of every rank's partial out (bit-identical on all).
   void operator()(std::span<T> data) {
@@ -65,6 +62,12 @@ class ordered_all_reduce {
   }
 
  private:
+  // Checked before anything is allocated from it.
+  static std::int64_t checked(std::int64_t max_elements) {
+    if (max_elements < 0)
+      fail("pipit::nano::ordered_all_reduce: max_elements ", max_elements, " < 0");
+    return max_elements;
+  }
   C* comm_;
   std::int64_t max_;
   std::vector<T> scratch_;

@@ -101,12 +101,8 @@ class tp_decode_stack {
   // weights: one per layer, full; this rank keeps its shards (transposed for rowwise_gemm).
   tp_decode_stack(C& tp, decode_shape s, std::span<const decode_layer_weights<T>> weights,
                   T eps = T(1e-6))
-      : tp_(&tp), s_(s), eps_(eps), reduce_(tp, s.requests * s.hidden) {
+      : tp_(&tp), s_(checked(s)), eps_(eps), reduce_(tp, s.requests * s.hidden) {
     const int t = tp.size(), r = tp.rank();
-    if (s.hidden < 1 || s.head_dim < 1 || s.layers < 1 || s.requests < 1 || s.context < 0)
-      fail("pipit::nano::tp_decode_stack: hidden ", s.hidden, ", head_dim ", s.head_dim,
-           ", layers ", s.layers, ", requests ", s.requests, ", context ", s.context,
-           " (need >= 1, >= 1, >= 1, >= 1, >= 0)");
     if (static_cast<std::int64_t>(weights.size()) != s.layers)
       fail("pipit::nano::tp_decode_stack: weights for ", weights.size(), " layers, the shape has ",
            s.layers);
@@ -270,6 +266,14 @@ class tp_decode_stack {
   }
 
  private:
+  // The shape, checked before the members sized from it are allocated.
+  static decode_shape checked(const decode_shape& s) {
+    if (s.hidden < 1 || s.head_dim < 1 || s.layers < 1 || s.requests < 1 || s.context < 0)
+      fail("pipit::nano::tp_decode_stack: hidden ", s.hidden, ", head_dim ", s.head_dim,
+           ", layers ", s.layers, ", requests ", s.requests, ", context ", s.context,
+           " (need >= 1, >= 1, >= 1, >= 1, >= 0)");
+    return s;
+  }
   struct layer {
     std::vector<T> wqkv_t, wo_t, w1_t, b1, w2_t, b2, g1, g2;
     std::vector<T> x, a, qkv, o, p, m, a2, z, p2, k_cache, v_cache;

@@ -24,6 +24,11 @@
 // with the last k layers already there (no copy). After backward() every slot is emptied:
 // the host weights are expected to change (optimizer step); call invalidate() after changing
 // them between two forward() passes.
+//
+// Failures: an exception from f or g leaves the pass after the copies already queued have
+// finished, so host_grads then hold the gradients of the layers that had left the device and
+// not of the others — discard them (the step failed). An error in the copy engine itself is
+// kept and raised by every later pass: the object is unusable after it.
 
 #include <algorithm>
 #include <chrono>

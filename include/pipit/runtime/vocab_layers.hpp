@@ -135,7 +135,9 @@ class vocab_layers {
   // The step's token ids and targets, microbatch after microbatch (microbatches x tokens each),
   // the same on every rank; loss_weights: empty, or one weight (a mask) per target. Checked
   // here: every id inside the vocabulary, every target inside it or the ignore index. Call
-  // before each run(); the spans must stay valid until it returns.
+  // before each run(); the spans must stay valid until it returns. The checks are local: a rank
+  // whose batch is refused raises on its own, and the other ranks learn of it through the
+  // communicator's failure handling (comm::threads::run, comm::mpi::run).
   void set_batch(std::span<const std::int64_t> tokens, std::span<const std::int64_t> targets,
                  std::span<const acc_type> loss_weights = {}) {
     if (tokens.size() != targets.size() || tokens.size() % static_cast<std::size_t>(tokens_) != 0)
@@ -153,6 +155,18 @@ class vocab_layers {
   vocab::loss_result<acc_type> loss() const noexcept { return result_; }
   // After a run(): each microbatch's loss (reduced over its tokens).
   std::span<const double> microbatch_losses() const noexcept { return losses_; }
+
+  // Bytes these layers have allocated so far: the per-microbatch states (X, g, each output
+  // layer's workspace) and the scratch buffers — their peak extra memory, shards excluded.
+  std::size_t workspace_bytes() const noexcept {
+    std::size_t n = (scratch_.capacity()) * sizeof(T) + acc_.capacity() * sizeof(acc_type) +
+                    losses_.capacity() * sizeof(double);
+    for (const slot& s : slots_) {
+      n += s.x.capacity() * sizeof(T) + s.g.capacity() * sizeof(acc_type);
+      if (s.layer) n += s.layer->workspace_bytes();
+    }
+    return n;
+  }
 
   // The gradients this rank holds (for the data-parallel reduction).
   std::array<std::span<acc_type>, 2> gradients() const {

@@ -240,6 +240,9 @@ inline weight_file_info read_weight_file_info(const std::filesystem::path& path)
   if (size < table_end)
     fail("weight file ", path, ": truncated: ", size, " bytes, the tensor table ends at ",
          table_end);
+  if (info.payload_offset > size)
+    fail("weight file ", path, ": payload offset ", info.payload_offset, " is beyond the file's ",
+         size, " bytes");
   std::vector<std::byte> table(detail::table_entry_bytes * n);
   if (std::fread(table.data(), 1, table.size(), f.get()) != table.size())
     fail("weight file ", path, ": read of the tensor table failed");
@@ -261,13 +264,21 @@ inline weight_file_info read_weight_file_info(const std::filesystem::path& path)
              t.dims[static_cast<std::size_t>(d)], " (corrupt table)");
     }
     t.offset = detail::load_le<std::uint64_t>(e + 40);
-    if (t.offset % weight_file_alignment != 0 || t.offset < end)
+    if (t.offset % weight_file_alignment != 0 || t.offset < end || t.offset > size)
       fail("weight file ", path, ": tensor ", i, " offset ", t.offset, " is not a multiple of ",
-           weight_file_alignment, " at or after the previous tensor's end ", end);
-    const std::uint64_t elems = t.elements();
-    if (elems > (std::uint64_t(1) << 44))
-      fail("weight file ", path, ": tensor ", i, " has ", elems, " elements (corrupt table)");
-    end = t.offset + elems * esize;
+           weight_file_alignment, " at or after the previous tensor's end ", end,
+           " and inside the file's ", size, " bytes");
+    // The element count, checked as it is multiplied: a corrupt table must not wrap around.
+    constexpr std::uint64_t max_elements = std::uint64_t(1) << 44;
+    std::uint64_t elems = 1;
+    for (int d = 0; d < t.rank; ++d) {
+      const std::uint64_t dim = t.dims[static_cast<std::size_t>(d)];
+      if (dim != 0 && elems > max_elements / dim)
+        fail("weight file ", path, ": tensor ", i, " has more than ", max_elements,
+             " elements (corrupt table)");
+      elems *= dim;
+    }
+    end = t.offset + elems * esize;  // offset <= size < 2^63, elems * esize <= 2^47
   }
   info.payload_bytes = detail::round_up(end, weight_file_alignment);
   if (size != info.file_bytes())

@@ -119,7 +119,10 @@ class weight_window {
       });
       stats_.stall_seconds +=
           std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      if (s == nullptr || !s->ready) std::rethrow_exception(error_);
+      if (s == nullptr || !s->ready) {
+        next_ = seq;  // a retry of acquire(b) reports the same error, not "b + 1 is next"
+        std::rethrow_exception(error_);
+      }
     }
     return *s->block;
   }

@@ -166,6 +166,8 @@ class column_parallel_linear {
     detail::check_view(layer, dw, local_out(), in_, "the weight gradient");
     if (opt_.bias) detail::check_span(layer, db, local_out(), "the bias gradient");
     const matrix_view<const T> xf = saved_input(x, saved, tokens);
+    PIPIT_REQUIRE(pieces >= 1 && i >= 0 && i < pieces, "pipit::tp: weight piece ", i, " of ",
+                  pieces, " (need 0 <= i < pieces)");
     const auto rows = row_block(local_out(), pieces, i);
     if (rows.size() > 0)
       detail::as_eigen(dw).middleRows(rows.begin, rows.size()).noalias() +=

@@ -38,10 +38,9 @@ constexpr range<std::int64_t> row_block(std::int64_t rows, int parts, int b) noe
 }
 
 // Tags of the ring's messages: ring_tag (reduce steps) and ring_tag + 1 (gather steps), the
-// top of the range every MPI must accept (0..32767; the Open MPI 4.1 here reports exactly
-// that bound for MPI_TAG_UB, so comm::collective_tag = 2^28 is out of reach of comm::mpi's
-// point-to-point). They are reserved on the communicator a ring runs on (the tensor group): do
-// not use them for your own messages there.
+// top of the range every MPI must accept (0..32767, the standard's minimum MPI_TAG_UB), so the
+// ring runs on any MPI. They are reserved on the communicator a ring runs on (the tensor
+// group): do not use them for your own messages there.
 inline constexpr int ring_tag = 32766;
 
 enum class ring_mode { all_reduce, reduce_scatter, all_gather };

@@ -135,6 +135,8 @@ class row_parallel_linear {
   // Piece i of `pieces` of backward_weight: output rows row_block(out, pieces, i) of dw and db.
   void weight_piece(int i, int pieces, matrix_view<const T> x, std::span<const T> saved,
                     matrix_view<const T> dy, matrix_view<T> dw, std::span<T> db) const {
+    PIPIT_REQUIRE(pieces >= 1 && i >= 0 && i < pieces, "pipit::tp: weight piece ", i, " of ",
+                  pieces, " (need 0 <= i < pieces)");
     const std::int64_t tokens = x.rows;
     detail::check_view(layer, x, tokens, local_in(), "the input");
     detail::check_view(layer, dw, out_, local_in(), "the weight gradient");

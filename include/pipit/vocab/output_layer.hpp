@@ -197,7 +197,10 @@ class output_layer {
     require_phase(phase::s_done, "input_grad_partial");
     detail::check_view(a, tokens(), hidden(), "the S-pass accumulator");
     const ce_params<acc_type> p = opt_.params<acc_type>(shards_.vocab_size());
-    std::vector<acc_type> wsum;
+    // Label smoothing's sum of the shard's weight rows, into a member buffer: a rebound layer
+    // (bind) allocates nothing in later steps.
+    std::vector<acc_type>& wsum = wsum_;
+    wsum.clear();
     if (p.smoothing != acc_type(0)) {
       wsum.assign(static_cast<std::size_t>(hidden()), acc_type(0));
       for (std::int64_t v = 0; v < real_rows_; ++v)
@@ -241,7 +244,8 @@ class output_layer {
     return detail::bytes_of(chunk_) + detail::bytes_of(x_acc_) + detail::bytes_of(w_acc_) +
            detail::bytes_of(stats_) + detail::bytes_of(local_max_) +
            detail::bytes_of(local_target_) + detail::bytes_of(max_buf_) +
-           detail::bytes_of(target_buf_) + detail::bytes_of(sum_buf_) + detail::bytes_of(coeffs_);
+           detail::bytes_of(target_buf_) + detail::bytes_of(sum_buf_) + detail::bytes_of(coeffs_) +
+           detail::bytes_of(wsum_);
   }
 
  private:
@@ -390,6 +394,7 @@ class output_layer {
   std::vector<acc_type> chunk_;  // tokens x Chunk logits
   std::vector<acc_type> x_acc_;  // X widened (16-bit inputs only)
   std::vector<acc_type> w_acc_;  // a weight chunk widened (16-bit inputs only)
+  std::vector<acc_type> wsum_;   // label smoothing: the sum of the shard's weight rows
 };
 
 }  // namespace pipit::vocab
