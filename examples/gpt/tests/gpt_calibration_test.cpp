@@ -87,7 +87,9 @@ TEST_CASE("a profiling run predicts vocabulary parallelism faster when the outpu
   o.partition = "vocab-parallel";
   const double vp = gpt::predict_step(o, 2, k).tokens_per_second;
   INFO("predicted tokens/s: naive " << naive << ", vocab-parallel " << vp);
-  CHECK(vp > 1.2 * naive);
+  // Only the direction: the ratio comes from measured pass times (1.9x here when idle, 1.2x
+  // under AddressSanitizer); the exact predictions are tested with hand-set costs above.
+  CHECK(vp > naive);
 }
 
 }  // namespace
