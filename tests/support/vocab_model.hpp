@@ -3,15 +3,18 @@
 // applied to every token (tokens x hidden, row-major, Y = tanh(X W^T + b)), and an output layer
 // (V x hidden) with softmax cross-entropy. The layers are a pipeline stage for any plan (split
 // backward); the embedding and the output layer are pipit's vocabulary layers, sharded over the
-// ranks. vocab_reference trains the same model in one process, in double precision, with the
-// full (unsharded) logits written out plainly.
+// ranks (or over the pipeline x tensor ranks of a tp::process_grid: train_grid_rank).
+// vocab_reference trains the same model in one process, in double precision, with the full
+// (unsharded) logits written out plainly.
 
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <span>
 #include <vector>
@@ -21,6 +24,7 @@
 #include "pipit/runtime/pass_info.hpp"
 #include "pipit/runtime/vocab_layers.hpp"
 #include "pipit/schedule/plan.hpp"
+#include "pipit/tp/process_grid.hpp"
 #include "pipit/vocab/loss.hpp"
 #include "pipit/vocab/shards.hpp"
 #include "support/runtime_model.hpp"  // hash_of, unit11
@@ -339,6 +343,54 @@ inline std::vector<vocab_snapshot> reference_run(const token_model_config& cfg, 
   return out;
 }
 
+// Data replica q of d trains on batch step * d + q (d = 1: make_batch(cfg, m, step)).
+inline token_batch replica_batch(const token_model_config& c, int microbatches, int step,
+                                 int replica, int replicas) {
+  return make_batch(c, microbatches, static_cast<std::uint64_t>(step * replicas + replica));
+}
+
+// The reference of `replicas` data-parallel replicas: per step each replica's gradients on its
+// own batch (replica_batch), averaged (the executor's gradient_reduction::average), the loss
+// averaged and the valid tokens summed; then SGD on the average. replicas = 1: reference_run.
+inline std::vector<vocab_snapshot> reference_run_data_parallel(const token_model_config& cfg,
+                                                               int microbatches, int steps,
+                                                               int replicas) {
+  vocab_reference ref(cfg);
+  std::vector<vocab_snapshot> out;
+  for (int step = 0; step < steps; ++step) {
+    vocab_snapshot avg{};
+    for (int q = 0; q < replicas; ++q) {
+      ref.step(replica_batch(cfg, microbatches, step, q, replicas), microbatches);
+      if (q == 0) {
+        avg = {ref.loss, ref.valid, ref.ge, ref.gh, ref.gw, ref.gb};
+        continue;
+      }
+      avg.loss += ref.loss;
+      avg.valid += ref.valid;
+      avg.ge += ref.ge;
+      avg.gh += ref.gh;
+      for (std::size_t l = 0; l < avg.gw.size(); ++l) {
+        avg.gw[l] += ref.gw[l];
+        avg.gb[l] += ref.gb[l];
+      }
+    }
+    avg.loss /= replicas;
+    avg.ge /= replicas;
+    avg.gh /= replicas;
+    for (std::size_t l = 0; l < avg.gw.size(); ++l) {
+      avg.gw[l] /= replicas;
+      avg.gb[l] /= replicas;
+    }
+    ref.ge = avg.ge;
+    ref.gh = avg.gh;
+    ref.gw = avg.gw;
+    ref.gb = avg.gb;
+    ref.sgd(vocab_test_lr);
+    out.push_back(std::move(avg));
+  }
+  return out;
+}
+
 // max |a - b| / max |b| (b's scale; 1e-300 when b is zero).
 template <class A, class B>
 double rel_error(const A& a, const B& b) {
@@ -396,6 +448,96 @@ double train_vocab_rank(Comm& comm, const schedule::plan& plan, const token_mode
     if (rows > n && (ge.bottomRows(rows - n).cwiseAbs().maxCoeff() != 0.0 ||
                      gh.bottomRows(rows - n).cwiseAbs().maxCoeff() != 0.0))
       worst = std::max(worst, 1.0);
+    stage.sgd(vocab_test_lr);
+    e -= vocab_test_lr * ge;
+    h -= vocab_test_lr * gh;
+    ge.setZero();
+    gh.setZero();
+  }
+  return worst;
+}
+
+// One rank of a tp::process_grid training the token model with the vocabulary sharded over the
+// pipeline x tensor ranks of its replica (grid.vocab(): shard grid.vocab().rank() of
+// grid.vocab().size()) and the executor built from grid.groups(). Each tensor rank runs the
+// whole stage of its pipeline rank (a replicated stage: a legitimate t-way tensor-parallel stage
+// whose layers need no tensor collective); data replica q trains on replica_batch(.., q, d).
+// After each step it compares with `ref` (reference_run_data_parallel over d replicas): the loss
+// averaged and the valid tokens summed over the data group, its layers' gradients, and the
+// embedding and output-layer gradients reassembled from all p x t shards (all-gathered over the
+// vocabulary group; padding rows must stay exactly 0). The t tensor ranks of a stage must also
+// hold bit-identical stage gradients (lockstep). Returns the largest error (1 for a wrong count,
+// a touched padding row or replicas that drift apart).
+template <class Alg, class Comm>
+double train_grid_rank(tp::process_grid<Comm>& grid, const schedule::plan& plan,
+                       const token_model_config& cfg, const std::vector<vocab_snapshot>& ref,
+                       runtime::executor_options options = {}) {
+  Comm& vc = grid.vocab();
+  const int pr = grid.coords().pipeline, replica = grid.coords().data;
+  const int replicas = grid.shape().data, r = vc.rank(), ranks = vc.size();
+  token_mlp_stage<double> stage(cfg, plan, pr);
+  const vocab::vocab_shards shards(cfg.vocab, ranks);
+  const auto real = shards.real_range_of(r);
+  const std::int64_t rows = shards.shard_size(), n = real.size();
+  row_matrix<double> e = row_matrix<double>::Zero(rows, cfg.hidden), h = e, ge = e, gh = e;
+  const auto e_full = embedding_table<double>(cfg);
+  const auto h_full = head_table<double>(cfg);
+  for (std::int64_t i = 0; i < n; ++i) {
+    e.row(i) = e_full.row(real.begin + i);
+    h.row(i) = h_full.row(real.begin + i);
+  }
+  runtime::vocab_layers<Alg, double, 4> layers(
+      shards, r, cfg.tokens, {e.data(), rows, cfg.hidden}, {ge.data(), rows, cfg.hidden},
+      {h.data(), rows, cfg.hidden}, {gh.data(), rows, cfg.hidden}, {cfg.loss});
+  runtime::executor ex(grid.groups(), stage, layers, plan, options);
+  const auto block = static_cast<std::size_t>(rows) * static_cast<std::size_t>(cfg.hidden);
+  std::vector<double> all_e(block * static_cast<std::size_t>(ranks)), all_h(all_e.size());
+  const int t = grid.shape().tensor;
+  double worst = 0;
+  for (std::size_t step = 0; step < ref.size(); ++step) {
+    const auto batch =
+        replica_batch(cfg, plan.shp.microbatches, static_cast<int>(step), replica, replicas);
+    layers.set_batch(batch.tokens, batch.targets);
+    ex.run();
+    const vocab_snapshot& want = ref[step];
+    std::array<double, 2> lv{static_cast<double>(layers.loss().loss),
+                             static_cast<double>(layers.loss().tokens)};
+    grid.data().all_reduce(std::span<double>(lv), std::plus<>{});
+    worst = std::max(worst,
+                     std::abs(lv[0] / replicas - want.loss) / std::max(1.0, std::abs(want.loss)));
+    if (lv[1] != static_cast<double>(want.valid)) worst = std::max(worst, 1.0);
+    for (int l = 0; l < cfg.layers; ++l)
+      if (stage.holds(l))
+        worst =
+            std::max({worst, rel_error(stage.weight_grad(l), want.gw[static_cast<std::size_t>(l)]),
+                      rel_error(stage.bias_grad(l), want.gb[static_cast<std::size_t>(l)])});
+    // Lockstep: every tensor rank of this stage holds the same bits.
+    std::vector<double> mine;
+    for (const std::span<double> g : stage.gradients()) mine.insert(mine.end(), g.begin(), g.end());
+    std::vector<double> peers(mine.size() * static_cast<std::size_t>(t));
+    grid.tensor().all_gather(std::span<const double>(mine), std::span<double>(peers));
+    for (int q = 0; q < t; ++q)
+      if (!std::equal(mine.begin(), mine.end(), peers.begin() + q * std::ptrdiff_t(mine.size())))
+        worst = std::max(worst, 1.0);
+    // The whole embedding and output-layer gradients, from every shard of the vocabulary group.
+    vc.all_gather(std::span<const double>(ge.data(), block), std::span<double>(all_e));
+    vc.all_gather(std::span<const double>(gh.data(), block), std::span<double>(all_h));
+    const double se = std::max(1e-300, want.ge.cwiseAbs().maxCoeff());
+    const double sh = std::max(1e-300, want.gh.cwiseAbs().maxCoeff());
+    for (int q = 0; q < ranks; ++q) {
+      const Eigen::Map<const row_matrix<double>> qe(all_e.data() + block * std::size_t(q), rows,
+                                                    cfg.hidden),
+          qh(all_h.data() + block * std::size_t(q), rows, cfg.hidden);
+      const auto qr = shards.real_range_of(q);
+      const std::int64_t qn = qr.size();
+      if (qn > 0)
+        worst = std::max(
+            {worst, (qe.topRows(qn) - want.ge.middleRows(qr.begin, qn)).cwiseAbs().maxCoeff() / se,
+             (qh.topRows(qn) - want.gh.middleRows(qr.begin, qn)).cwiseAbs().maxCoeff() / sh});
+      if (rows > qn && (qe.bottomRows(rows - qn).cwiseAbs().maxCoeff() != 0.0 ||
+                        qh.bottomRows(rows - qn).cwiseAbs().maxCoeff() != 0.0))
+        worst = std::max(worst, 1.0);
+    }
     stage.sgd(vocab_test_lr);
     e -= vocab_test_lr * ge;
     h -= vocab_test_lr * gh;

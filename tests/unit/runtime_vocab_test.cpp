@@ -1,21 +1,28 @@
 // The executor running vocabulary plans: the input embedding and the output layer sharded over
 // 1 to 8 thread ranks (runtime::vocab_layers), with 1F1B, interleaved 1F1B and V-Half and the
 // naive, two-barrier and one-barrier algorithms, trains exactly like one process that holds the
-// whole vocabulary (double precision, tolerance 1e-12 relative to each tensor's largest value).
+// whole vocabulary (double precision, tolerance 1e-12 relative to each tensor's largest value);
+// so does a tp::process_grid whose vocabulary group shards over pipeline x tensor ranks (with
+// data parallelism too), and a malformed vocabulary group is refused on every rank.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "pipit/comm/threads.hpp"
+#include "pipit/runtime/comm_groups.hpp"
 #include "pipit/runtime/executor.hpp"
 #include "pipit/runtime/vocab_layers.hpp"
+#include "pipit/schedule/by_name.hpp"
 #include "pipit/schedule/vocab_passes.hpp"
+#include "pipit/tp/process_grid.hpp"
 #include "support/thread_checks.hpp"
 #include "support/vocab_model.hpp"
 
@@ -370,4 +377,263 @@ TEST_CASE("2 data-parallel x 2 pipeline ranks with vocabulary layers train like 
     }
   });
   CHECK(*std::max_element(worst.begin(), worst.end()) <= 1e-12);
+}
+
+// ---- vocabulary shards over pipeline x tensor ranks (tp::process_grid) -----------------------
+
+namespace {
+
+// Trains `steps` steps on a (tensor, data, pipeline) grid of threads, the executor built from
+// grid.groups(); every rank compares every step against the data-parallel reference. Returns
+// the largest relative error seen on any rank.
+template <class Alg>
+double train_on_grid(std::string_view schedule, int chunks, pipit::tp::grid_shape g, int m,
+                     const token_model_config& cfg, int steps = 2) {
+  const auto ref = pipit::testing::reference_run_data_parallel(cfg, m, steps, g.data);
+  const ps::plan plan =
+      ps::make_vocab_plan(schedule, {g.pipeline, m, chunks}, rt::vocab_passes_of<Alg>);
+  std::vector<double> worst(static_cast<std::size_t>(g.size()), 0.0);
+  threads::run(g.size(), [&](threads& world) {
+    pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout(g));
+    worst[static_cast<std::size_t>(world.rank())] =
+        pipit::testing::train_grid_rank<Alg>(grid, plan, cfg, ref);
+  });
+  return *std::max_element(worst.begin(), worst.end());
+}
+
+template <class Alg>
+void grid_sweep(const token_model_config& cfg) {
+  using gs = pipit::tp::grid_shape;
+  for (const gs g : {gs{1, 1, 2}, gs{1, 2, 2}, gs{2, 1, 2}, gs{2, 2, 2}, gs{4, 1, 2}, gs{2, 1, 3}})
+    for (const auto& [schedule, chunks, m] :
+         {std::tuple{"1f1b", 1, 4}, std::tuple{"v-half", 2, 4}, std::tuple{"1f1b", 1, 1}}) {
+      INFO(schedule << " tensor=" << g.tensor << " data=" << g.data << " pipeline=" << g.pipeline
+                    << " m=" << m);
+      CHECK(train_on_grid<Alg>(schedule, chunks, g, m, cfg) <= 1e-12);
+    }
+}
+
+// The grid's threads as the tests build them: world, then a process_grid, then the layers for
+// shard `shard` of `shard_count`.
+struct grid_rank_layers {
+  row_matrix<double> e, g;
+  std::unique_ptr<rt::vocab_layers<v::one_barrier, double>> layers;
+  grid_rank_layers(const token_model_config& cfg, int shard_count, int shard) {
+    const v::vocab_shards shards(cfg.vocab, shard_count);
+    e = row_matrix<double>::Zero(shards.shard_size(), cfg.hidden);
+    g = e;
+    layers = std::make_unique<rt::vocab_layers<v::one_barrier, double>>(
+        shards, shard, cfg.tokens, v::matrix_view<const double>{e.data(), e.rows(), e.cols()},
+        v::matrix_view<double>{g.data(), g.rows(), g.cols()},
+        v::matrix_view<const double>{e.data(), e.rows(), e.cols()},
+        v::matrix_view<double>{g.data(), g.rows(), g.cols()});
+  }
+};
+
+// Builds the executor (collective: outside the assertions' lock) and returns what it threw.
+template <class Stage, class Layers>
+std::exception_ptr construct(const rt::comm_groups<threads>& groups, Stage& stage, Layers& layers,
+                             const ps::plan& plan) {
+  try {
+    rt::executor ex(groups, stage, layers, plan);
+  } catch (...) {
+    return std::current_exception();
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+TEST_CASE("vocabulary shards over pipeline x tensor ranks train like one process, one barrier",
+          "[runtime][vocab][tensor][equivalence]") {
+  grid_sweep<v::one_barrier>(base_config());
+}
+
+TEST_CASE("vocabulary shards over pipeline x tensor ranks train like one process, two barriers",
+          "[runtime][vocab][tensor][equivalence]") {
+  grid_sweep<v::two_barrier>(base_config());
+}
+
+TEST_CASE("vocabulary shards over pipeline x tensor ranks train like one process, naive",
+          "[runtime][vocab][tensor][equivalence]") {
+  grid_sweep<v::naive>(base_config());
+}
+
+TEST_CASE("vocabulary shards over pipeline x tensor ranks with interleaving and a rich loss",
+          "[runtime][vocab][tensor][equivalence]") {
+  auto cfg = base_config();
+  cfg.loss.label_smoothing = 0.1;
+  cfg.loss.z_loss = 1e-3;
+  cfg.loss.reduce = v::reduction::sum;
+  cfg.all_ignored_microbatch = 0;
+  CHECK(train_on_grid<v::one_barrier>("interleaved", 2, {2, 1, 2}, 4, cfg) <= 1e-12);
+  CHECK(train_on_grid<v::two_barrier>("v-half", 2, {2, 2, 3}, 3, cfg) <= 1e-12);
+  CHECK(train_on_grid<v::naive>("1f1b", 1, {3, 1, 2}, 5, cfg) <= 1e-12);
+}
+
+TEST_CASE("the grid's executor groups point into the grid", "[runtime][vocab][tensor]") {
+  threads::run(8, [&](threads& world) {
+    pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({2, 2, 2}));
+    const rt::comm_groups<threads> gr = grid.groups();
+    PIPIT_TCHECK(gr.pipeline == &grid.pipeline());
+    PIPIT_TCHECK(gr.data == &grid.data());
+    PIPIT_TCHECK(gr.vocab == &grid.vocab());
+    PIPIT_TCHECK(gr.vocab->rank() == grid.coords().pipeline * 2 + grid.coords().tensor);
+  });
+}
+
+TEST_CASE("a vocabulary group that is not the pipeline x tensor ranks is refused on every rank",
+          "[runtime][vocab][tensor]") {
+  const auto cfg = base_config();
+  const ps::plan plan = ps::make_vocab_plan("1f1b", {2, 3, 1}, ps::vocab_passes::one_barrier);
+  SECTION("a group whose size is not a multiple of the pipeline's") {
+    threads::run(4, [&](threads& world) {
+      const int r = world.rank();
+      threads pipe = world.split(r / 2, r % 2);
+      threads vocab = world.split(r < 3 ? 0 : 1, r);  // 3 ranks and 1 rank over pipelines of 2
+      token_mlp_stage<double> stage(cfg, plan, pipe.rank());
+      grid_rank_layers l(cfg, vocab.size(), vocab.rank());
+      const auto err = construct({&pipe, nullptr, &vocab}, stage, *l.layers, plan);
+      PIPIT_TCHECK(err != nullptr);
+      PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                               Catch::Contains("not a multiple of the pipeline's 2") &&
+                                   Catch::Contains("vocabulary group cannot start"));
+    });
+  }
+  SECTION("a group ordered tensor * p + pipeline") {
+    threads::run(4, [&](threads& world) {
+      pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({2, 1, 2}));
+      const auto c = grid.coords();
+      threads vocab = world.split(0, c.tensor * 2 + c.pipeline);
+      token_mlp_stage<double> stage(cfg, plan, c.pipeline);
+      grid_rank_layers l(cfg, 4, vocab.rank());
+      const auto err = construct({&grid.pipeline(), nullptr, &vocab}, stage, *l.layers, plan);
+      PIPIT_TCHECK(err != nullptr);
+      // Vocabulary ranks 1 and 2 sit at the wrong pipeline rank, so both pipelines refuse; every
+      // rank raises the same message, vocabulary rank 0's (its pipeline's verdict).
+      PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                               Catch::Contains("ranks 0, 1, 2, 3 of 4 refused") &&
+                                   Catch::Contains("vocabulary group rank 1 would be pipeline "
+                                                   "rank 0") &&
+                                   Catch::Contains("order the group pipeline * t + tensor"));
+    });
+  }
+  SECTION("layers sharded over the pipeline ranks only") {
+    threads::run(4, [&](threads& world) {
+      pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({2, 1, 2}));
+      token_mlp_stage<double> stage(cfg, plan, grid.coords().pipeline);
+      grid_rank_layers l(cfg, 2, grid.coords().pipeline);
+      const auto err = construct(grid.groups(), stage, *l.layers, plan);
+      PIPIT_TCHECK(err != nullptr);
+      PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                               Catch::Contains("of 2 shards; the vocabulary group rank is"));
+    });
+  }
+  SECTION("tensor replicas that run different plans") {
+    threads::run(4, [&](threads& world) {
+      pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({2, 1, 2}));
+      // Each pipeline agrees with itself; only the vocabulary group sees the difference.
+      const ps::plan mine = ps::make_vocab_plan("1f1b", {2, 3 + grid.coords().tensor, 1},
+                                                ps::vocab_passes::one_barrier);
+      token_mlp_stage<double> stage(cfg, mine, grid.coords().pipeline);
+      grid_rank_layers l(cfg, 4, grid.vocab().rank());
+      const auto err = construct(grid.groups(), stage, *l.layers, mine);
+      PIPIT_TCHECK(err != nullptr);
+      PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                               Catch::Contains("the tensor replicas run different plans"));
+    });
+  }
+}
+
+namespace {
+
+// The runtime tests' MLP stage without gradients(): a stage that cannot join a data-parallel
+// reduction.
+class mlp_stage_without_gradients : private pipit::testing::mlp_stage<double> {
+  using base = pipit::testing::mlp_stage<double>;
+
+ public:
+  using value_type = double;
+  using base::activation_size;
+  using base::backward_input;
+  using base::backward_weight;
+  using base::base;
+  using base::forward;
+  using base::input_size;
+  using base::load_input;
+  using base::output_size;
+};
+
+pipit::testing::mlp_config small_mlp() {
+  pipit::testing::mlp_config c;
+  c.widths = {5, 8, 7, 6, 9, 5};
+  c.batch = 3;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("executor(grid.groups(), stage, plan) runs like executor(pipeline, data, stage, plan)",
+          "[runtime][tensor][data_parallel]") {
+  const auto cfg = small_mlp();
+  const ps::plan plan = ps::make_plan_by_name("1f1b", {2, 4});
+  // 2 data x 2 pipeline ranks: the weights after 2 steps, bit for bit, both ways.
+  std::vector<std::vector<pipit::testing::mlp_stage<double>::mat>> by_groups(4), by_comms(4);
+  for (const bool groups : {true, false})
+    threads::run(4, [&](threads& world) {
+      pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({1, 2, 2}));
+      const auto c = grid.coords();
+      pipit::testing::mlp_stage<double> st(cfg, plan, c.pipeline, c.data);
+      const auto train = [&](auto& ex) {
+        for (int step = 0; step < 2; ++step) {
+          ex.run();
+          st.sgd(0.1);
+        }
+      };
+      if (groups) {
+        rt::executor ex(grid.groups(), st, plan);
+        train(ex);
+      } else {
+        rt::executor ex(grid.pipeline(), grid.data(), st, plan);
+        train(ex);
+      }
+      auto& out = (groups ? by_groups : by_comms)[static_cast<std::size_t>(world.rank())];
+      for (int l = 0; l < cfg.layers(); ++l)
+        if (st.holds(l)) out.push_back(st.weight(l));
+    });
+  for (std::size_t r = 0; r < 4; ++r) {
+    REQUIRE(by_groups[r].size() == by_comms[r].size());
+    CHECK(!by_groups[r].empty());
+    for (std::size_t l = 0; l < by_groups[r].size(); ++l) CHECK(by_groups[r][l] == by_comms[r][l]);
+  }
+  // The replicas trained on different inputs and averaged: the same weights on both replicas
+  // (world ranks 2 d + p: rank 0 and 1 hold stage 0).
+  for (std::size_t l = 0; l < by_groups[0].size(); ++l) CHECK(by_groups[0][l] == by_groups[1][l]);
+}
+
+TEST_CASE("a stage without gradients runs on a grid with one data replica, and only there",
+          "[runtime][tensor][data_parallel]") {
+  const auto cfg = small_mlp();
+  const ps::plan plan = ps::make_plan_by_name("1f1b", {2, 3});
+  threads::run(2, [&](threads& world) {
+    pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({1, 1, 2}));
+    mlp_stage_without_gradients st(cfg, plan, grid.coords().pipeline);
+    rt::executor ex(grid.groups(), st, plan);  // the one-rank data group is skipped
+    ex.run();
+    PIPIT_TCHECK(ex.step() == 1u);
+  });
+  threads::run(4, [&](threads& world) {
+    pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({1, 2, 2}));
+    mlp_stage_without_gradients st(cfg, plan, grid.coords().pipeline);
+    std::exception_ptr err;
+    try {
+      rt::executor ex(grid.groups(), st, plan);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    PIPIT_TCHECK(err != nullptr);
+    PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                             Catch::Contains("the data-parallel group has 2 ranks but the stage "
+                                             "provides no `gradients()`"));
+  });
 }

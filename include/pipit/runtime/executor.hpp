@@ -35,12 +35,19 @@
 // plan with S, T, IF and IB passes (schedule::make_vocab_plan): the vocabulary layers compute the
 // first stage's input and the last stage's output gradient, and run their collectives over the
 // pipeline communicator inside those passes. vocab_layers::set_batch() gives each step's tokens.
+// With comm_groups (comm_groups.hpp; tp::process_grid::groups()) the shards span the pipeline x
+// tensor ranks of a replica: executor(groups, stage, vocab_layers, plan) runs the vocabulary
+// collectives over groups.vocab, whose p * t ranks are ordered pipeline * t + tensor and whose
+// t tensor ranks per stage run the same program in lockstep (vocab_layers.hpp). Construction
+// is then collective over the pipeline, the vocabulary and the data-parallel groups, in that
+// order, on every rank of the vocabulary group together.
 //
 // Data parallelism: after the last pass of a step, each span of stage.gradients() is summed over
 // the data-parallel group (comm.all_reduce with std::plus) and, by default, divided by the
 // group's size (gradient_reduction::average: replicas that each average over their own
 // microbatches then hold the average over the global batch).
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -54,6 +61,7 @@
 
 #include "pipit/comm/communicator.hpp"
 #include "pipit/core/error.hpp"
+#include "pipit/runtime/comm_groups.hpp"
 #include "pipit/runtime/executor_options.hpp"
 #include "pipit/runtime/handshake.hpp"
 #include "pipit/runtime/pass_info.hpp"
@@ -160,6 +168,37 @@ class executor {
     prepare(plan);
   }
 
+  // The groups in one value (comm_groups.hpp): groups.pipeline, and groups.data when not null
+  // and of more than one rank (then the stage must provide gradients(); a one-rank group is
+  // skipped: its reduction would be the identity). groups.vocab is read only with vocabulary
+  // layers.
+  executor(const comm_groups<Comm>& groups, Stage& stage, const schedule::plan& plan,
+           executor_options options = {})
+      : comm_(checked_pipeline(groups)),
+        dp_(data_group(groups)),
+        stage_(&stage),
+        options_(options),
+        step_(options.first_step) {
+    prepare(plan);
+  }
+
+  // ... with vocabulary layers sharded over groups.vocab (nullptr: the pipeline group): their
+  // shards().ranks() must be groups.vocab->size(), a multiple t of the pipeline's size, and
+  // their rank() groups.vocab->rank() = pipeline rank * t + tensor rank. Collective over the
+  // pipeline, vocabulary and data-parallel groups.
+  executor(const comm_groups<Comm>& groups, Stage& stage, Vocab& vocab, const schedule::plan& plan,
+           executor_options options = {}) requires is_vocab_layers<Vocab>::value
+      : comm_(checked_pipeline(groups)),
+        dp_(data_group(groups)),
+        vocab_comm_(groups.vocab),
+        stage_(&stage),
+        vocab_(&vocab),
+        options_(options),
+        step_(options.first_step) {
+    check_vocab_type();
+    prepare(plan);
+  }
+
   executor(const executor&) = delete;
   executor& operator=(const executor&) = delete;
   executor(executor&&) noexcept = default;
@@ -211,20 +250,21 @@ class executor {
           break;
         case instruction_kind::embed_forward:
           if constexpr (has_vocab)
-            vocab_->embed_forward(*comm_, std::as_const(info), buf(in.output));
+            vocab_->embed_forward(*vocab_comm_, std::as_const(info), buf(in.output));
           break;
         case instruction_kind::vocab_s:
           if constexpr (has_vocab)
-            vocab_->output_statistics(*comm_, std::as_const(info), in.slot, cbuf(in.input),
+            vocab_->output_statistics(*vocab_comm_, std::as_const(info), in.slot, cbuf(in.input),
                                       buf(in.output_grad));
           break;
         case instruction_kind::vocab_t:
           if constexpr (has_vocab)
-            vocab_->output_gradient(*comm_, std::as_const(info), in.slot, buf(in.output_grad));
+            vocab_->output_gradient(*vocab_comm_, std::as_const(info), in.slot,
+                                    buf(in.output_grad));
           break;
         case instruction_kind::embed_backward:
           if constexpr (has_vocab)
-            vocab_->embed_backward(*comm_, std::as_const(info), buf(in.input_grad));
+            vocab_->embed_backward(*vocab_comm_, std::as_const(info), buf(in.input_grad));
           break;
         case instruction_kind::exchange:
           break;
@@ -281,6 +321,92 @@ class executor {
     return {};
   }
 
+  // The vocabulary group's agreement (when it is not the pipeline group), reached by every member
+  // whatever its pipeline group decided, so that no member waits for one that has thrown: each
+  // member's pipeline verdict (a refusal's text travels with it), its layers' vocabulary, tokens,
+  // hidden size and shard, its pipeline rank and size, and its plan. Returns "" or the same
+  // message on every member.
+  std::string agree_on_vocab_group(const std::string& verdict, std::uint64_t hash) {
+    constexpr std::size_t head = 11, chars = 480, fields = head + chars;
+    Comm& vc = *vocab_comm_;
+    const int n = vc.size(), pn = comm_->size();
+    std::vector<double> mine(fields, 0.0), all(fields * static_cast<std::size_t>(n), 0.0);
+    mine[0] = verdict.empty() ? 1.0 : 0.0;
+    mine[1] = static_cast<double>(vocab_->shards().vocab_size());
+    mine[2] = static_cast<double>(vocab_->shards().padded_size());
+    mine[3] = static_cast<double>(vocab_->tokens());
+    mine[4] = static_cast<double>(vocab_->hidden());
+    mine[5] = static_cast<double>(vocab_->rank());
+    mine[6] = comm_->rank();
+    mine[7] = pn;
+    mine[8] = static_cast<double>(hash >> 32);
+    mine[9] = static_cast<double>(hash & 0xffffffffULL);
+    const std::size_t len = std::min(verdict.size(), chars);
+    mine[10] = static_cast<double>(len);
+    for (std::size_t i = 0; i < len; ++i) mine[head + i] = static_cast<unsigned char>(verdict[i]);
+    vc.all_gather(std::span<const double>(mine), std::span<double>(all));
+    const auto at = [&](int r) { return all.data() + fields * static_cast<std::size_t>(r); };
+
+    std::vector<int> refused;
+    for (int r = 0; r < n; ++r)
+      if (at(r)[0] == 0.0) refused.push_back(r);
+    if (!refused.empty()) {
+      const double* o = at(refused.front());
+      std::string text;
+      for (std::size_t i = 0; i < static_cast<std::size_t>(o[10]); ++i)
+        text += static_cast<char>(static_cast<int>(o[head + i]));
+      if (static_cast<std::size_t>(o[10]) == chars) text += "...";
+      std::string who;
+      for (std::size_t i = 0; i < refused.size(); ++i)
+        who += detail::concat(i ? ", " : "", refused[i]);
+      return detail::concat("pipit::runtime: the vocabulary group cannot start (ranks ", who,
+                            " of ", n, " refused; vocabulary rank ", refused.front(),
+                            ", pipeline rank ", o[6], "): ", text);
+    }
+    // Every member passed its local checks, so n is a multiple of each member's pipeline size;
+    // the members must also agree on that size, on the order, and on everything else.
+    const int t = n / pn;
+    for (int r = 0; r < n; ++r) {
+      const double* o = at(r);
+      if (o[1] != mine[1] || o[2] != mine[2] || o[3] != mine[3] || o[4] != mine[4] || o[5] != r)
+        return detail::concat(
+            "pipit::runtime: the vocabulary layers disagree (refused at start, every rank): "
+            "vocabulary rank ",
+            r, " has vocabulary ", o[1], " padded to ", o[2], ", ", o[3], " tokens, hidden ", o[4],
+            " as shard ", o[5], "; vocabulary rank ", vc.rank(), " has vocabulary ", mine[1],
+            " padded to ", mine[2], ", ", mine[3], " tokens, hidden ", mine[4]);
+      if (o[7] != pn || o[6] != r / t)
+        return detail::concat(
+            "pipit::runtime: the vocabulary group's order is not pipeline * t + tensor (refused "
+            "at start, every rank): vocabulary rank ",
+            r, " is pipeline rank ", o[6], " of ", o[7], ", expected pipeline rank ", r / t, " of ",
+            pn, " (t = ", t, " tensor ranks per pipeline rank)");
+      if (o[8] != mine[8] || o[9] != mine[9])
+        return detail::concat(
+            "pipit::runtime: the tensor replicas run different plans (refused at start, every "
+            "rank): vocabulary rank ",
+            r, " has plan hash ",
+            detail_handshake::hex((static_cast<std::uint64_t>(o[8]) << 32) |
+                                  static_cast<std::uint64_t>(o[9])),
+            ", vocabulary rank ", vc.rank(), " has ", detail_handshake::hex(hash));
+    }
+    return {};
+  }
+
+  static Comm* checked_pipeline(const comm_groups<Comm>& groups) {
+    if (groups.pipeline == nullptr)
+      fail(
+          "pipit::runtime::executor: comm_groups::pipeline is null; every executor needs its "
+          "pipeline communicator");
+    return groups.pipeline;
+  }
+  // A one-rank data-parallel group reduces nothing: it is skipped (no agreement, no reduction),
+  // which also lets a stage without gradients() run on a grid whose data axis has size 1.
+  static Comm* data_group(const comm_groups<Comm>& groups) {
+    if (groups.data != nullptr && groups.data->size() == 1) return nullptr;
+    return groups.data;
+  }
+
   static constexpr void check_vocab_type() {
     if constexpr (has_vocab)
       static_assert(std::is_same_v<typename Vocab::value_type, T>,
@@ -291,10 +417,19 @@ class executor {
   // every rank raises the same pipit::error (no rank waits for one that has already thrown).
   void prepare(const schedule::plan& plan) {
     const int rank = comm_->rank();
+    if constexpr (!has_vocab) vocab_comm_ = nullptr;  // read only with vocabulary layers
+    if (vocab_comm_ == nullptr) vocab_comm_ = comm_;
+    const bool vocab_group = has_vocab && vocab_comm_ != comm_;
+    int tensor_ranks = 1;
     std::string problem;
     schedule::plan lowered;
     std::vector<chunk_sizes> sizes;
     try {
+      if constexpr (!stage_has_gradients<Stage>)
+        if (dp_ != nullptr)
+          fail("the data-parallel group has ", dp_->size(),
+               " ranks but the stage provides no `gradients()`, a range of "
+               "std::span<value_type> (its gradient buffers) to reduce over it");
       if (plan.rank_count() != comm_->size())
         fail("the plan has ", plan.rank_count(), " ranks but the pipeline communicator has ",
              comm_->size());
@@ -320,9 +455,26 @@ class executor {
         if (plan.vocab != Vocab::passes)
           fail("plan '", plan.schedule, "' has ", schedule::name(plan.vocab),
                " vocabulary passes but the vocabulary layers run ", schedule::name(Vocab::passes));
-        if (vocab_->shards().ranks() != comm_->size() || vocab_->rank() != rank)
-          fail("the vocabulary layers are rank ", vocab_->rank(), " of ", vocab_->shards().ranks(),
-               " shards; the pipeline rank is ", rank, " of ", comm_->size());
+        if (!vocab_group) {
+          if (vocab_->shards().ranks() != comm_->size() || vocab_->rank() != rank)
+            fail("the vocabulary layers are rank ", vocab_->rank(), " of ",
+                 vocab_->shards().ranks(), " shards; the pipeline rank is ", rank, " of ",
+                 comm_->size());
+        } else {
+          const int vn = vocab_comm_->size(), vr = vocab_comm_->rank(), pn = comm_->size();
+          if (vn % pn != 0)
+            fail("the vocabulary group has ", vn, " ranks, not a multiple of the pipeline's ", pn,
+                 " (it must hold the pipeline x tensor ranks of one replica)");
+          tensor_ranks = vn / pn;
+          if (vr / tensor_ranks != rank)
+            fail("vocabulary group rank ", vr, " would be pipeline rank ", vr / tensor_ranks,
+                 " (rank / t, t = ", tensor_ranks, ") but its pipeline rank is ", rank,
+                 ": order the group pipeline * t + tensor (tp::process_grid::vocab())");
+          if (vocab_->shards().ranks() != vn || vocab_->rank() != vr)
+            fail("the vocabulary layers are rank ", vocab_->rank(), " of ",
+                 vocab_->shards().ranks(), " shards; the vocabulary group rank is ", vr, " of ",
+                 vn);
+        }
       } else {
         if (plan.vocab != schedule::vocab_passes::none)
           fail("plan '", plan.schedule, "' has ", schedule::name(plan.vocab),
@@ -354,7 +506,7 @@ class executor {
       program_ = compile(lowered, rank, sizes, options_.rematerialize);
       if constexpr (has_vocab)
         vocab_->prepare(lowered.shp.microbatches, std::max(program_.vocab_slots, 1),
-                        lowered.rank_of(0), lowered.rank_of(last_stage));
+                        lowered.rank_of(0), lowered.rank_of(last_stage), tensor_ranks);
     } catch (const std::exception& e) {
       problem = e.what();
       if (problem.empty()) problem = "unknown error";
@@ -363,8 +515,12 @@ class executor {
     std::string verdict =
         agree_to_start(*comm_, start_view{problem, hash, plan.shp, plan.rank_count(), sizeof(T)});
     if (verdict.empty()) verdict = agree_on_sizes(*comm_, lowered, sizes);
-    if constexpr (has_vocab)
-      if (verdict.empty()) verdict = agree_on_vocab();
+    if constexpr (has_vocab) {
+      if (vocab_group)
+        verdict = agree_on_vocab_group(verdict, hash);
+      else if (verdict.empty())
+        verdict = agree_on_vocab();
+    }
     if (dp_ != nullptr) {
       std::vector<std::size_t> grad_sizes;
       if constexpr (stage_has_gradients<Stage>)
@@ -390,6 +546,7 @@ class executor {
 
   Comm* comm_ = nullptr;
   Comm* dp_ = nullptr;
+  Comm* vocab_comm_ = nullptr;  // the vocabulary layers' group: comm_ unless comm_groups::vocab
   Stage* stage_ = nullptr;
   Vocab* vocab_ = nullptr;
   executor_options options_;
@@ -413,7 +570,8 @@ executor<Stage, Comm> make_executor(Comm& pipeline, Stage& stage, const schedule
 
 // Class template argument deduction: executor ex(comm, stage, plan), executor ex(pipeline,
 // data_parallel, stage, plan), executor ex(comm, stage, vocab, plan), executor ex(pipeline,
-// data_parallel, stage, vocab, plan).
+// data_parallel, stage, vocab, plan), executor ex(groups, stage, plan), executor ex(groups,
+// stage, vocab, plan).
 template <class Stage, comm::communicator Comm>
 executor(Comm&, Stage&, const schedule::plan&, executor_options = {}) -> executor<Stage, Comm>;
 template <class Stage, comm::communicator Comm>
@@ -426,6 +584,14 @@ requires is_vocab_layers<Vocab>::value executor(Comm&, Stage&, Vocab&, const sch
 template <class Stage, comm::communicator Comm, class Vocab>
 requires is_vocab_layers<Vocab>::value executor(Comm&, Comm&, Stage&, Vocab&, const schedule::plan&,
                                                 executor_options = {})
+->executor<Stage, Comm, Vocab>;
+
+template <class Stage, comm::communicator Comm>
+executor(const comm_groups<Comm>&, Stage&, const schedule::plan&, executor_options = {})
+    -> executor<Stage, Comm>;
+template <class Stage, comm::communicator Comm, class Vocab>
+requires is_vocab_layers<Vocab>::value executor(const comm_groups<Comm>&, Stage&, Vocab&,
+                                                const schedule::plan&, executor_options = {})
 ->executor<Stage, Comm, Vocab>;
 
 template <schedule::schedule_policy Policy, class Stage, comm::communicator Comm>

@@ -1,8 +1,9 @@
 #pragma once
 // vocab_layers<Algorithm, T, Chunk>: the input embedding and the output layer (LM head + softmax
-// cross-entropy) sharded over the vocabulary across every pipeline rank, run by the executor as
-// the S, T, IF and IB passes of a vocabulary plan (Yeung et al., "Balancing Pipeline Parallelism
-// with Vocabulary Parallelism", arXiv 2411.05288; schedule/vocab_passes.hpp places the passes).
+// cross-entropy) sharded over the vocabulary across every pipeline rank (or every pipeline x
+// tensor rank, below), run by the executor as the S, T, IF and IB passes of a vocabulary plan
+// (Yeung et al., "Balancing Pipeline Parallelism with Vocabulary Parallelism", arXiv 2411.05288;
+// schedule/vocab_passes.hpp places the passes).
 //
 //   pipit::vocab::vocab_shards shards(V, p);
 //   pipit::runtime::vocab_layers<pipit::vocab::one_barrier, float> vocab(
@@ -27,6 +28,22 @@
 //         input-gradient partial, reduced to the last stage's rank -> B(last, k)'s dX
 //   IB_k  broadcast F(0, k)'s input gradient from the first stage's rank; scatter-add this
 //         shard's rows into embedding_grad
+//
+// Over pipeline x tensor ranks (Megatron's tensor parallelism composed with vocabulary
+// parallelism; executor(comm_groups{pipeline, data, vocab}, ...), tp::process_grid::groups()):
+// the vocabulary group holds p * t ranks, one shard each, ordered pipeline * t + tensor, and the
+// t tensor ranks of a pipeline stage run the same stage program in lockstep with replicated
+// activations at the stage boundaries. The collectives above then run over that group; the
+// roots are tensor rank 0 of the first and the last stage (vocabulary ranks first * t and
+// last * t), and every rank that needs a result gets it:
+//   IF_k  t > 1: all-reduce instead of reduce (each of the first stage's t ranks takes the input)
+//   S_k   broadcast X_k from vocabulary rank last * t; one_barrier's input-gradient partial:
+//         t > 1: all-reduce instead of reduce (each of the last stage's t ranks takes dX)
+//   T_k   naive, two_barrier: the same rule for the input-gradient partial
+//   IB_k  broadcast from vocabulary rank first * t
+// With t = 1 the passes send exactly what they send over the pipeline communicator. An
+// all-reduce of n elements over p * t ranks costs about twice a reduce's bytes per rank (a ring:
+// 2 (pt - 1)/pt n against (pt - 1)/pt n), paid only for the IF input and the dX partial.
 // Microbatch k's X, statistics and g live from S_k to T_k in one of `slots` reusable states (the
 // executor counts the microbatches in flight between S and T from the plan). The states and
 // scratch buffers are allocated by prepare() and by the first use of each state; later steps
@@ -86,10 +103,11 @@ class vocab_layers {
   using layer_type = vocab::output_layer<Algorithm, T, Chunk>;
   static constexpr schedule::vocab_passes passes = vocab_passes_of<Algorithm>;
 
-  // shards: the vocabulary over the pipeline ranks; rank: this pipeline rank; tokens: tokens
-  // per microbatch. embedding and head: this rank's shards (shards.shard_size() x hidden; the
-  // padding rows are never read); their gradients are accumulated in place. The views must
-  // stay valid while the executor runs.
+  // shards: the vocabulary over the pipeline ranks (or the vocabulary group's p * t ranks);
+  // rank: this rank in that group (the pipeline rank when t = 1); tokens: tokens per microbatch.
+  // embedding and head: this rank's shards (shards.shard_size() x hidden; the padding rows are
+  // never read); their gradients are accumulated in place. The views must stay valid while the
+  // executor runs.
   vocab_layers(const vocab::vocab_shards& shards, int rank, std::int64_t tokens,
                vocab::matrix_view<const T> embedding, vocab::matrix_view<acc_type> embedding_grad,
                vocab::matrix_view<const T> head, vocab::matrix_view<acc_type> head_grad,
@@ -176,13 +194,25 @@ class vocab_layers {
 
   // ---- called by the executor ----------------------------------------------------------------
   // Once, at the executor's construction: the plan's microbatches, the microbatches in flight
-  // between S and T on this rank, and the ranks of the first and last virtual stages.
-  void prepare(int microbatches, int slots, int first_rank, int last_rank) {
+  // between S and T on this rank, the pipeline ranks of the first and last virtual stages, and
+  // the tensor ranks per pipeline rank (t: the shards' ranks() is pipeline size x t, and shard
+  // r belongs to pipeline rank r / t).
+  void prepare(int microbatches, int slots, int first_rank, int last_rank, int replicas = 1) {
     if (microbatches <= 0 || slots <= 0)
       fail("pipit::runtime::vocab_layers: ", microbatches, " microbatches, ", slots, " slots");
+    if (replicas <= 0 || shards_.ranks() % replicas != 0)
+      fail("pipit::runtime::vocab_layers: ", shards_.ranks(), " shards cannot be split over ",
+           replicas, " tensor ranks per pipeline rank");
+    const int pipeline = shards_.ranks() / replicas;
+    if (first_rank < 0 || first_rank >= pipeline || last_rank < 0 || last_rank >= pipeline)
+      fail("pipit::runtime::vocab_layers: the first and last stages' pipeline ranks ", first_rank,
+           " and ", last_rank, " must lie in [0, ", pipeline, ")");
     microbatches_ = microbatches;
     first_rank_ = first_rank;
     last_rank_ = last_rank;
+    replicas_ = replicas;
+    on_first_ = rank_ / replicas == first_rank;
+    on_last_ = rank_ / replicas == last_rank;
     layer_options_ = options_.loss;
     if (options_.average_microbatches) layer_options_.grad_output /= microbatches;
     slots_.clear();
@@ -218,28 +248,29 @@ class vocab_layers {
                static_cast<acc_type>(weight_total_), valid_total_};
   }
 
-  // IF_k. out: F(0, k)'s input on the first stage's rank, empty on the others.
+  // IF_k. out: F(0, k)'s input on the first stage's ranks, empty on the others.
   template <comm::communicator C>
   void embed_forward(C& comm, const pass_info& info, std::span<T> out) {
-    const std::span<T> buf = rank_ == first_rank_ ? checked(out, "IF output") : scratch();
+    const std::span<T> buf = on_first_ ? checked(out, "IF output") : scratch();
     vocab::embedding_forward_local<T, T>(shards_, rank_, embedding_, tokens_of(info.microbatch),
                                          view(buf));
-    comm.reduce(buf, std::plus<>{}, first_rank_);
+    // Each row has exactly one contributor: the sum is exact, on every rank that takes it.
+    sum_to_stage(comm, buf, first_rank_);
   }
 
-  // S_k. x: F(last, k)'s output on the last stage's rank (empty elsewhere); dx (one_barrier, on
-  // the last stage's rank): B(last, k)'s output gradient.
+  // S_k. x: F(last, k)'s output on the last stage's ranks (empty elsewhere; tensor rank 0's is
+  // used); dx (one_barrier, on the last stage's ranks): B(last, k)'s output gradient.
   template <comm::communicator C>
   void output_statistics(C& comm, const pass_info& info, int slot_index, std::span<const T> x,
                          std::span<T> dx) {
     slot& s = slots_[static_cast<std::size_t>(slot_index)];
-    if (rank_ == last_rank_) {
+    if (rank_ == root(last_rank_)) {
       if (x.size() != embedding_size())
         fail("pipit::runtime::vocab_layers: the last stage's output has ", x.size(),
              " elements, expected ", embedding_size(), " (tokens x hidden)");
       std::copy(x.begin(), x.end(), s.x.begin());
     }
-    comm.broadcast(std::span<T>(s.x), last_rank_);
+    comm.broadcast(std::span<T>(s.x), root(last_rank_));
     const std::span<const std::int64_t> targets = targets_of(info.microbatch);
     if (!s.layer)
       s.layer.emplace(shards_, rank_, const_view(s.x), head_, targets, layer_options_);
@@ -250,7 +281,7 @@ class vocab_layers {
       layer.s_pass(acc_view());
       comm.all_reduce(layer.stats(), vocab::merge_op{});
       layer.input_grad_partial(acc_view());
-      comm.reduce(std::span<acc_type>(acc_), std::plus<>{}, last_rank_);
+      sum_to_stage(comm, std::span<acc_type>(acc_), last_rank_);
     } else {
       layer.s_pass();
       if constexpr (is_naive) {
@@ -268,13 +299,13 @@ class vocab_layers {
     weight_total_ += static_cast<double>(r.weight);
     valid_total_ += r.tokens;
     if constexpr (is_one_barrier)
-      if (rank_ == last_rank_) {
+      if (on_last_) {
         vocab::scale_rows(acc_view(), std::span<const acc_type>(s.g));
         store(dx);
       }
   }
 
-  // T_k. dx (naive, two_barrier, on the last stage's rank): B(last, k)'s output gradient.
+  // T_k. dx (naive, two_barrier, on the last stage's ranks): B(last, k)'s output gradient.
   template <comm::communicator C>
   void output_gradient(C& comm, const pass_info&, int slot_index, std::span<T> dx) {
     slot& s = slots_[static_cast<std::size_t>(slot_index)];
@@ -283,17 +314,17 @@ class vocab_layers {
       s.layer->t_pass(s.g, head_grad_);
     } else {
       s.layer->t_pass(s.g, head_grad_, acc_view());
-      comm.reduce(std::span<acc_type>(acc_), std::plus<>{}, last_rank_);
-      if (rank_ == last_rank_) store(dx);
+      sum_to_stage(comm, std::span<acc_type>(acc_), last_rank_);
+      if (on_last_) store(dx);
     }
   }
 
-  // IB_k. grad: F(0, k)'s input gradient on the first stage's rank (broadcast in place), empty
-  // elsewhere.
+  // IB_k. grad: F(0, k)'s input gradient on the first stage's ranks (tensor rank 0's is
+  // broadcast in place), empty elsewhere.
   template <comm::communicator C>
   void embed_backward(C& comm, const pass_info& info, std::span<T> grad) {
-    const std::span<T> buf = rank_ == first_rank_ ? checked(grad, "IB input") : scratch();
-    comm.broadcast(buf, first_rank_);
+    const std::span<T> buf = on_first_ ? checked(grad, "IB input") : scratch();
+    comm.broadcast(buf, root(first_rank_));
     vocab::embedding_backward_local<T, acc_type>(shards_, rank_, tokens_of(info.microbatch),
                                                  const_view(buf), embedding_grad_);
   }
@@ -304,6 +335,19 @@ class vocab_layers {
     std::vector<acc_type> g;  // the per-token loss-gradient scale
     std::optional<layer_type> layer;
   };
+
+  // Tensor rank 0 of pipeline rank p, in the vocabulary group.
+  int root(int pipeline_rank) const noexcept { return pipeline_rank * replicas_; }
+  // Sums `data` over the vocabulary group for the t ranks of `pipeline_rank`: with t = 1 a reduce
+  // to that rank (the pipeline-only traffic), else an all-reduce, which gives every tensor rank
+  // of the stage the same bits (communicator.hpp).
+  template <comm::communicator C, class E>
+  void sum_to_stage(C& comm, std::span<E> data, int pipeline_rank) {
+    if (replicas_ == 1)
+      comm.reduce(data, std::plus<>{}, root(pipeline_rank));
+    else
+      comm.all_reduce(data, std::plus<>{});
+  }
 
   static std::span<acc_type> flat(vocab::matrix_view<acc_type> m, const char* what) {
     if (m.ld() != m.cols)
@@ -353,9 +397,10 @@ class vocab_layers {
   vocab::matrix_view<acc_type> head_grad_;
   vocab_layers_options options_;
   vocab::loss_options layer_options_;
-  int microbatches_ = 0, first_rank_ = 0, last_rank_ = 0;
+  int microbatches_ = 0, first_rank_ = 0, last_rank_ = 0, replicas_ = 1;
+  bool on_first_ = false, on_last_ = false;  // this shard's pipeline rank runs that stage
   std::vector<slot> slots_;
-  std::vector<T> scratch_;     // IF partial / IB gradient on the ranks that are not the root
+  std::vector<T> scratch_;     // IF partial / IB gradient on the ranks outside that stage
   std::vector<acc_type> acc_;  // one_barrier's A / the input-gradient partial
   std::span<const std::int64_t> batch_tokens_, batch_targets_;
   std::span<const acc_type> batch_weights_;

@@ -9,6 +9,7 @@
 //   grid.pipeline().send(...);         // stage to stage
 //   grid.data().all_reduce(grads...);  // gradient reduction
 //   grid.vocab();                      // vocabulary shards over pipeline x tensor ranks
+//   pipit::runtime::executor ex(grid.groups(), stage, vocab, plan);  // all three at once
 //
 // Works with any comm::communicator (threads, mpi, nccl): only split() is used.
 
@@ -16,6 +17,7 @@
 
 #include "pipit/comm/communicator.hpp"
 #include "pipit/core/error.hpp"
+#include "pipit/runtime/comm_groups.hpp"
 #include "pipit/tp/grid_layout.hpp"
 
 namespace pipit::tp {
@@ -46,6 +48,9 @@ class process_grid {
   C& group(axis a) noexcept {
     return a == axis::tensor ? tensor_ : a == axis::data ? data_ : pipeline_;
   }
+  // The executor's groups: pipeline(), data() and vocab() (pointers into this grid, which must
+  // outlive the executor). data() is given even with one replica (the executor skips it).
+  runtime::comm_groups<C> groups() noexcept { return {&pipeline_, &data_, &vocab_}; }
 
  private:
   static int checked_rank(const C& world, const grid_layout& layout) {
