@@ -4,7 +4,8 @@
 // the gradients of every a_s, b_s must equal the host's double-precision sums to 1e-4
 // (relative; float math on the device, and float atomics add the per-element terms in any
 // order). One GPU runs the single-rank plans (every stage local); two or more GPUs also run a
-// 2-rank pipeline through NCCL.
+// 2-rank pipeline through NCCL. Data parallelism: replicas of a 1-rank pipeline train the same
+// batch, so the default average over them must reproduce the reference (a sum would not).
 #include <catch2/catch.hpp>
 
 #include <cuda_runtime.h>
@@ -122,6 +123,11 @@ class device_stage {
     return h;
   }
   const std::vector<int>& owned() const { return owned_; }
+  // The data-parallel reduction's view of the gradients (device memory).
+  std::span<const std::span<float>> gradients() {
+    grads_view_.assign(1, std::span<float>(grads_, 2 * static_cast<std::size_t>(stages_)));
+    return grads_view_;
+  }
 
  private:
   static int blocks() { return (width + 255) / 256; }
@@ -130,6 +136,7 @@ class device_stage {
   int stages_ = 0;
   std::vector<int> owned_;
   float* grads_ = nullptr;
+  std::vector<std::span<float>> grads_view_;
 };
 
 // The host reference in double: (ga, gb) per virtual stage summed over the microbatches.
@@ -178,7 +185,49 @@ void check_plan(const ps::plan& plan, std::span<const int> devices, bool remat) 
   });
 }
 
+// One step of a 1-rank plan on `replicas` GPUs as data-parallel replicas of the same batch: the
+// executor's average over the replicas must equal the reference (a sum would multiply it).
+void check_data_parallel(const ps::plan& plan, int replicas) {
+  std::vector<int> devices(static_cast<std::size_t>(replicas));
+  for (int d = 0; d < replicas; ++d) devices[static_cast<std::size_t>(d)] = d;
+  auto group = pipit::cuda::nccl_communicator::init_all(devices);
+  std::vector<std::vector<pipit::cuda::nccl_communicator>> pipelines;
+  for (const int d : devices)
+    pipelines.push_back(pipit::cuda::nccl_communicator::init_all(std::vector<int>{d}));
+  const auto want = reference(plan.shp.virtual_stages(), plan.shp.microbatches);
+  pipit::comm::threads::run(replicas, [&](pipit::comm::threads& all) {
+    const auto d = static_cast<std::size_t>(all.rank());
+    pipit::comm::threads host = all.split(all.rank(), 0);
+    PIPIT_CUDA_CHECK(cudaSetDevice(devices[d]));
+    cudaStream_t compute = nullptr;
+    PIPIT_CUDA_CHECK(cudaStreamCreateWithFlags(&compute, cudaStreamNonBlocking));
+    {
+      device_stage stage(plan, 0, compute);
+      pipit::cuda::device_executor ex(host, pipelines[d][0], group[d], stage, plan, compute);
+      ex.run();
+      ex.synchronize();
+      const auto got = stage.gradients_on_host();
+      for (std::size_t i = 0; i < want.size(); ++i)
+        if (std::abs(got[i] - want[i]) > 1e-4 * std::max(1.0, std::abs(want[i])))
+          pipit::fail("replica ", d, " gradient ", i, ": ", got[i], " != reference ", want[i]);
+    }
+    PIPIT_CUDA_CHECK(cudaStreamDestroy(compute));
+  });
+}
+
 }  // namespace
+
+TEST_CASE("the device executor averages gradients over data-parallel replicas", "[gpu][cuda]") {
+  check_data_parallel(ps::make_plan<ps::one_f_one_b>({1, 4, 1}), 1);
+  int n = 0;
+  PIPIT_CUDA_CHECK(cudaGetDeviceCount(&n));
+  if (n < 2) {
+    WARN("only " << n << " GPU: 2 data-parallel replicas need two");
+    return;
+  }
+  check_data_parallel(ps::make_plan<ps::one_f_one_b>({1, 4, 1}), 2);
+  check_data_parallel(ps::make_plan<ps::zb_v>({1, 4, 2}), std::min(n, 4));
+}
 
 TEST_CASE("the device executor trains single-rank plans like the host reference", "[gpu][cuda]") {
   const std::vector<int> one{0};
