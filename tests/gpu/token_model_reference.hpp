@@ -15,6 +15,9 @@ struct token_model {
   int layers = 4;
   int tokens = 24;  // per microbatch
   std::uint64_t seed = 11;
+  // Every parameter rounded to the nearest bfloat16 (ties to even), in float: a bfloat16 device
+  // copy then holds exactly what the reference computes with (the 16-bit tests).
+  bool bf16_parameters = false;
 };
 
 // Row-major parameters, identical on every rank and in the reference.
@@ -28,7 +31,8 @@ struct token_batch_data {
 };
 token_batch_data token_batch(const token_model& m, int microbatches, std::uint64_t index);
 
-// One step on batch `index` in double, from the float parameters above (converted exactly).
+// One step on batch `index` in double, from the float parameters above (converted exactly;
+// rounded to bfloat16 first when m.bf16_parameters).
 struct token_step {
   double loss = 0;  // mean over microbatches of each microbatch's mean token loss
   std::int64_t valid = 0;

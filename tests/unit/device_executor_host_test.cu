@@ -3,6 +3,7 @@
 // refusals of mismatched vocabulary plans, and cuda::vocab_layers' host-side checks.
 #include <catch2/catch.hpp>
 
+#include <functional>
 #include <optional>
 #include <string_view>
 #include <vector>
@@ -193,7 +194,35 @@ TEST_CASE("cuda::vocab_layers checks its shapes and batches on the host", "[cuda
   CHECK_THROWS(ok.set_batch(ids, std::vector<std::int64_t>{0, 1, 2, 11}));      // target 11
   CHECK_THROWS_WITH(ok.set_batch(ids, targets, std::vector<float>{1, 1, -1, 1}),
                     Contains("loss weight -1 of token 2"));
+  // An empty batch on a fresh object: refused by name before any device call (it used to reach
+  // cudaEventSynchronize on a null event).
+  CHECK_THROWS_WITH(ok.set_batch(std::vector<std::int64_t>{}, std::vector<std::int64_t>{}),
+                    Contains("0 token ids and 0 targets") && Contains("at least one microbatch"));
+  CHECK_THROWS_WITH(ok.set_batch(std::vector<std::int64_t>{}, targets),
+                    Contains("0 token ids and 4 targets"));
   CHECK(ok.workspace_bytes() == 0);  // nothing was allocated by the refused batches
+  // Before the executor prepared the layers there is no loss to wait for (and no communicator
+  // whose timeout would bound the wait).
+  CHECK_THROWS_WITH(ok.loss(), Contains("loss() before the executor prepared it"));
+  CHECK_THROWS_WITH(ok.microbatch_losses(),
+                    Contains("microbatch_losses() before the executor prepared it"));
+}
+
+TEST_CASE("nccl_communicator reduces 16-bit floats with NCCL's own sum and max", "[cuda][nccl]") {
+  // The vocabulary layers' IF and T reduces of __nv_bfloat16 / __half partials must be real
+  // ncclReduce calls, not the all-gather-and-merge fallback (ranks x tokens x hidden of memory).
+  namespace dn = pipit::cuda::detail_nccl;
+  STATIC_REQUIRE(dn::has_nccl_type<__nv_bfloat16>());
+  STATIC_REQUIRE(dn::has_nccl_type<__half>());
+  STATIC_REQUIRE(dn::nccl_type<__nv_bfloat16>() == ncclBfloat16);
+  STATIC_REQUIRE(dn::nccl_type<__half>() == ncclFloat16);
+  STATIC_REQUIRE(dn::nccl_type<float>() == ncclFloat32);
+  STATIC_REQUIRE(dn::builtin_op<__nv_bfloat16, std::plus<>> == 1);
+  STATIC_REQUIRE(dn::builtin_op<__half, std::plus<>> == 1);
+  STATIC_REQUIRE(dn::builtin_op<__nv_bfloat16, pipit::comm::max_op> == 2);
+  // Operators NCCL lacks keep the gather-and-merge path.
+  STATIC_REQUIRE(dn::builtin_op<float, v::merge_op> == 0);
+  STATIC_REQUIRE(dn::builtin_op<__nv_bfloat16, std::multiplies<>> == 0);
 }
 
 // Every member of the 16-bit layers compiles (the GPU tests instantiate float only).

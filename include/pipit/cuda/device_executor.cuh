@@ -20,7 +20,7 @@
 //   my_device_stage stage(compute, ...);             // enqueues its kernels on `compute`
 //   pipit::cuda::device_executor ex(host_comm, nccl_comm, stage, plan, compute);
 //   for (...) { ex.run(); optimizer_step_on(compute); }
-//   ex.synchronize();
+//   ex.synchronize();  // before any host read of device results (NCCL errors surface here)
 //
 // Vocabulary plans (S, T, IF, IB; schedule::make_vocab_plan): pass a cuda::vocab_layers
 // (vocab_layers.cuh), device_executor ex(host, nccl, stage, vocab, plan, compute). Its passes
@@ -31,7 +31,8 @@
 // in the paper (Yeung et al., arXiv 2411.05288). The same start-up checks as runtime::executor
 // (the plan's algorithm is the layers', one shard per pipeline rank, the first stage's input and
 // the last stage's output are tokens x hidden, every rank's layers agree) run inside the
-// start-up agreement, so a mismatch is a pipit::error on every rank.
+// start-up agreement, so a mismatch is a pipit::error on every rank. The overlap is bounded by
+// the in-order communication stream: S and IB passes wait for all of it (see vocab_layers.cuh).
 //
 // Data parallelism: device_executor ex(host, pipeline, data_parallel, stage, [vocab,] plan,
 // compute) with a data-parallel nccl_communicator (the same pipeline rank of every replica;
@@ -51,7 +52,8 @@
 // Construction is collective over `host`, a host communicator (comm::threads or comm::mpi) with
 // the same ranks as the NCCL pipeline communicator: the start-up agreement of
 // runtime/handshake.hpp runs over it (NCCL spans must be device memory), so a bad plan or shape
-// on one rank is a pipit::error on every rank.
+// on one rank is a pipit::error on every rank. The arena, the vocabulary layers' states and the
+// events are allocated before that agreement, so an allocation failure on one rank is too.
 
 #include <cuda_runtime.h>
 
@@ -328,8 +330,7 @@ class device_executor {
         (void)cudaStreamWaitEvent(compute_, compute_done_, 0);
       }
     }
-    for (cudaEvent_t e : points_) (void)cudaEventDestroy(e);
-    if (compute_done_) (void)cudaEventDestroy(compute_done_);
+    destroy_events();
   }
 
   // Enqueues one training step on the compute and communication streams; no host wait.
@@ -541,6 +542,11 @@ class device_executor {
         if constexpr (has_vocab)
           for (const auto g : vocab_->gradients()) grad_sizes.push_back(g.size());
       }
+      // Device memory and events are taken here, before the agreement, so that a failure (out
+      // of memory on one rank) becomes every rank's pipit::error instead of a hang of the others
+      // in their first collective. No rank communicates in this block: the handshake below runs
+      // in the same order on every rank whatever happened here.
+      allocate(lowered);
     } catch (const std::exception& e) {
       problem = e.what();
       if (problem.empty()) problem = "unknown error";
@@ -557,13 +563,26 @@ class device_executor {
           runtime::agree_data_parallel(dp_host, verdict.empty(), hash, rank, sizeof(T), grad_sizes);
       if (verdict.empty()) verdict = std::move(dp_verdict);
     }
-    if (!verdict.empty()) throw error(verdict);
+    if (!verdict.empty()) {
+      destroy_events();  // the destructor does not run when the constructor throws
+      throw error(verdict);
+    }
+    ops_.clear();
+    ops_.reserve(program_.transfers.size());
+    for (const runtime::transfer& t : program_.transfers) {
+      const std::span<T> b(arena_.data() + t.buffer.offset, t.buffer.size);
+      ops_.push_back(t.send ? comm::send_op(std::span<const T>(b), t.peer, t.tag)
+                            : comm::recv_op(b, t.peer, t.tag));
+    }
+  }
 
+  // The arena, the vocabulary layers' states and the events (inside prepare()'s try).
+  void allocate(const schedule::plan& lowered) {
     arena_ = device_buffer<T>(program_.arena_size, compute_);
     arena_.zero();
     if constexpr (has_vocab) {
       const int last_stage = lowered.shp.virtual_stages() - 1;
-      vocab_->prepare(lowered.shp.microbatches, std::max(program_.vocab_slots, 1),
+      vocab_->prepare(*comm_, lowered.shp.microbatches, std::max(program_.vocab_slots, 1),
                       lowered.rank_of(0), lowered.rank_of(last_stage));
     }
     std::size_t points = 0;
@@ -573,13 +592,13 @@ class device_executor {
     points_.assign(points, nullptr);
     for (cudaEvent_t& e : points_)
       PIPIT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    ops_.clear();
-    ops_.reserve(program_.transfers.size());
-    for (const runtime::transfer& t : program_.transfers) {
-      const std::span<T> b(arena_.data() + t.buffer.offset, t.buffer.size);
-      ops_.push_back(t.send ? comm::send_op(std::span<const T>(b), t.peer, t.tag)
-                            : comm::recv_op(b, t.peer, t.tag));
-    }
+  }
+  void destroy_events() noexcept {
+    for (cudaEvent_t& e : points_)
+      if (e) (void)cudaEventDestroy(e);
+    points_.clear();
+    if (compute_done_) (void)cudaEventDestroy(compute_done_);
+    compute_done_ = nullptr;
   }
 
   nccl_communicator* comm_ = nullptr;

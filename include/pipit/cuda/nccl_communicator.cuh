@@ -17,8 +17,9 @@
 //   peers share; the send-then-receive algorithms of collectives.hpp do not apply (they also read
 //   the buffers on the host).
 // - all_reduce / reduce: std::plus and max_op on the types NCCL knows (int8/uint8, int32/uint32,
-//   int64/uint64, float, double) use ncclAllReduce / ncclReduce with ncclSum / ncclMax; NCCL's
-//   algorithms reduce each element once and send the result to every rank. NCCL has no user
+//   int64/uint64, float, double, __half, __nv_bfloat16) use ncclAllReduce / ncclReduce with
+//   ncclSum / ncclMax; NCCL's algorithms reduce each element once and send the result to every
+//   rank (16-bit sums round to the 16-bit type at each step of NCCL's reduction). NCCL has no user
 //   operators: any other operator (the vocabulary layers' (max, sum-exp) merge) or element type is
 //   done by ncclAllGather into a temporary of size x ranks, then a kernel that combines the ranks'
 //   values in rank order, so every rank computes bit-identical results. The operator must be
@@ -50,6 +51,8 @@
 //   // one process, one thread per GPU:
 //   auto comms = pipit::cuda::nccl_communicator::init_all(std::vector<int>{0, 1, 2, 3});
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <nccl.h>
 
@@ -87,9 +90,13 @@ namespace detail_nccl {
 
 using clock = std::chrono::steady_clock;
 
+// 16-bit floats: NCCL has had ncclFloat16 and ncclBfloat16 (sum, max) since 2.10; mapping them
+// keeps a 16-bit gradient reduction (the vocabulary layers' IF and T reduces) a real reduce
+// instead of the all-gather fallback, whose memory and traffic grow with the rank count.
 template <class T>
 constexpr bool has_nccl_type() {
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) return true;
+  if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) return true;
   if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>)
     return sizeof(T) == 1 || sizeof(T) == 4 || sizeof(T) == 8;
   return false;
@@ -100,6 +107,8 @@ constexpr ncclDataType_t nccl_type() {
   static_assert(has_nccl_type<T>());
   if constexpr (std::is_same_v<T, float>) return ncclFloat32;
   if constexpr (std::is_same_v<T, double>) return ncclFloat64;
+  if constexpr (std::is_same_v<T, __half>) return ncclFloat16;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return ncclBfloat16;
   if constexpr (std::is_integral_v<T> && std::is_signed_v<T>)
     return sizeof(T) == 1 ? ncclInt8 : sizeof(T) == 4 ? ncclInt32 : ncclInt64;
   if constexpr (std::is_integral_v<T> && std::is_unsigned_v<T>)
@@ -266,6 +275,33 @@ class nccl_communicator {
     check_usable("synchronize");
     detail_nccl::device_guard on(device_);
     wait_stream("synchronize", -1);
+  }
+  // Waits until the work enqueued on `other` so far (a stream on this device, e.g. one that
+  // waits for this communicator's collectives through signal()) is done, under the same rule as
+  // every wait here: NCCL's asynchronous errors and nccl_options::timeout abort the communicator
+  // and raise pipit::error naming `what`. A plain cudaStreamSynchronize(other) would hang for
+  // ever behind a collective whose peer died.
+  void synchronize(cudaStream_t other, const char* what) {
+    check_usable(what);
+    detail_nccl::device_guard on(device_);
+    cudaEvent_t done = nullptr;
+    PIPIT_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+    const auto destroy = [&] { (void)cudaEventDestroy(done); };
+    try {
+      PIPIT_CUDA_CHECK(cudaEventRecord(done, other));
+      wait_until(
+          [&] {
+            const cudaError_t e = cudaEventQuery(done);
+            if (e == cudaErrorNotReady) return false;
+            PIPIT_CUDA_CHECK(e);
+            return true;
+          },
+          what, -1);
+    } catch (...) {
+      destroy();
+      throw;
+    }
+    destroy();
   }
 
   // ---- point-to-point ---------------------------------------------------------------------------

@@ -12,20 +12,28 @@
 //       blas, compute, shards, rank, tokens, embedding, embedding_grad, head, head_grad);
 //   pipit::cuda::device_executor ex(host, nccl, stage, vocab, plan, compute);
 //   for (...) { vocab.set_batch(tokens, targets); ex.run(); /* optimizer on compute */ }
-//   float loss = vocab.loss().loss;  // the only host wait: when the caller asks
+//   ex.synchronize();                // NCCL errors and timeouts surface here as pipit::error
+//   float loss = vocab.loss().loss;  // a host wait, bounded by the communicator's timeout
 //
 // Device and streams. The shards and their gradients are the user's device memory (views that
 // must outlive the layers). Every local kernel and GEMM runs on `compute` (the executor's compute
 // stream); every collective runs on the pipeline communicator's stream, after
 // comm.wait_for(compute). A collective's result is waited for (an event, never the host) only
-// by the compute that needs it, so compute enqueued in between overlaps it:
+// by the compute that needs it, so compute enqueued in between can overlap it — but the
+// communication stream is in order, and every S and IB pass (and, one_barrier, the last rank's
+// dX) makes compute wait for ALL of it (comm.signal(compute): its own broadcast and whatever was
+// enqueued before), as does a transformer pass that needs a later exchange. So a collective
+// overlaps the passes between its pass and the next such wait, not necessarily up to its
+// consumer:
 //   IF_k  gather (compute) -> reduce to the first stage's rank (comm). F(0, k) waits for it (the
-//         executor's dependency analysis); the passes in between overlap it.
+//         executor's dependency analysis); the passes in between overlap it up to the next wait.
 //   S_k   broadcast X_k from the last stage's rank (comm; s_pass waits) -> s_pass (compute) ->
-//         statistics merge (comm). naive / two_barrier: T_k waits for the merge, so every pass
-//         the schedule puts between S_k and T_k overlaps it — the paper's point. one_barrier:
-//         input_grad_partial needs the merged maxima, so it waits; then the reduce of A to the
-//         last stage's rank overlaps the loss kernel (and, on the other ranks, everything after).
+//         statistics merge (comm). naive / two_barrier: T_k waits for the merge (an event), so
+//         the passes the schedule puts between S_k and T_k overlap it — the paper's point — up to
+//         the next S, IB or pass that waits for a later exchange, which waits for the merge too.
+//         one_barrier: input_grad_partial needs the merged maxima, so it waits; then the reduce
+//         of A to the last stage's rank overlaps the loss kernel (and, on the other ranks, the
+//         passes after it up to the next wait).
 //   T_k   loss (naive, two_barrier) and the weight gradient (compute); naive / two_barrier also
 //         reduce the input-gradient partial to the last stage's rank (comm), which B(last, k)
 //         waits for. For float T the reduce lands in the arena directly; for 16-bit T the cast
@@ -45,8 +53,12 @@
 // call with a larger batch) allocates the buffers.
 //
 // The loss: each microbatch's loss is written on the device; end_step() combines them. loss()
-// and microbatch_losses() wait for the compute stream (the only host synchronisations of these
-// layers); loss_device() is the device result, [objective, z-loss part, weight, valid tokens] in
+// and microbatch_losses() wait on the host for the compute stream (the only host
+// synchronisations of these layers), through the pipeline communicator's synchronize(stream):
+// a compute stream stuck behind a collective of a dead peer raises pipit::error after
+// nccl_options::timeout (the communicator is aborted) instead of hanging. Call
+// device_executor::synchronize() first to have NCCL's errors reported by the executor.
+// loss_device() is the device result, [objective, z-loss part, weight, valid tokens] in
 // doubles, valid in compute-stream order after the step.
 //
 // T: float, __nv_bfloat16 or __half (the CUDA output layer's types); statistics, g and the
@@ -247,9 +259,11 @@ class vocab_layers {
   // on the host, then copied asynchronously on the compute stream (see the header comment).
   void set_batch(std::span<const std::int64_t> tokens, std::span<const std::int64_t> targets,
                  std::span<const float> loss_weights = {}) {
-    if (tokens.size() != targets.size() || tokens.size() % static_cast<std::size_t>(tokens_) != 0)
+    if (tokens.empty() || tokens.size() != targets.size() ||
+        tokens.size() % static_cast<std::size_t>(tokens_) != 0)
       fail("pipit::cuda::vocab_layers::set_batch: ", tokens.size(), " token ids and ",
-           targets.size(), " targets; both must be microbatches x ", tokens_);
+           targets.size(), " targets; both must be microbatches x ", tokens_,
+           " with at least one microbatch");
     for (const std::int64_t x : tokens) shards_.check_token(x);
     vocab::check_loss_inputs<float>(shards_, targets, options_.loss, loss_weights);
     const std::size_t n = tokens.size();
@@ -282,20 +296,21 @@ class vocab_layers {
   }
 
   // After a run(): the objective (mean or sum over microbatches), its z-loss part, and the weight
-  // and count of the valid tokens over the step. Waits for the compute stream.
+  // and count of the valid tokens over the step. Waits for the compute stream, at most the
+  // communicator's timeout (see the header comment).
   vocab::loss_result<float> loss() const {
     const std::array<double, 4> h = read_back<4>(result_.data());
     return {static_cast<float>(h[0]), static_cast<float>(h[1]), static_cast<float>(h[2]),
             static_cast<std::int64_t>(h[3])};
   }
-  // After a run(): each microbatch's loss (reduced over its tokens). Waits for the compute stream.
+  // After a run(): each microbatch's loss (reduced over its tokens). Waits as loss() does.
   std::vector<double> microbatch_losses() const {
+    if (comm_ == nullptr)
+      fail("pipit::cuda::vocab_layers: microbatch_losses() before the executor prepared it");
     std::vector<double> all(4 * static_cast<std::size_t>(microbatches_)), out;
-    if (!all.empty()) {
-      PIPIT_CUDA_CHECK(cudaMemcpyAsync(all.data(), losses_.data(), all.size() * sizeof(double),
-                                       cudaMemcpyDeviceToHost, compute_));
-      PIPIT_CUDA_CHECK(cudaStreamSynchronize(compute_));
-    }
+    PIPIT_CUDA_CHECK(cudaMemcpyAsync(all.data(), losses_.data(), all.size() * sizeof(double),
+                                     cudaMemcpyDeviceToHost, compute_));
+    comm_->synchronize(compute_, "vocab_layers::microbatch_losses");
     for (std::size_t k = 0; k < all.size(); k += 4) out.push_back(all[k]);
     return out;
   }
@@ -321,12 +336,15 @@ class vocab_layers {
   }
 
   // ---- called by the executor ----------------------------------------------------------------
-  // Once, at the executor's construction (after the start-up agreement): the plan's
-  // microbatches, the S-to-T states in flight on this rank, the ranks of the first and last
-  // virtual stages. Allocates every state on the compute stream.
-  void prepare(int microbatches, int slots, int first_rank, int last_rank) {
+  // Once, at the executor's construction (before the start-up agreement, which reports an
+  // allocation failure on every rank): the pipeline communicator (its timeout bounds loss()'s
+  // wait), the plan's microbatches, the S-to-T states in flight on this rank, the ranks of the
+  // first and last virtual stages. Allocates every state on the compute stream.
+  void prepare(nccl_communicator& comm, int microbatches, int slots, int first_rank,
+               int last_rank) {
     if (microbatches <= 0 || slots <= 0)
       fail("pipit::cuda::vocab_layers: ", microbatches, " microbatches, ", slots, " slots");
+    comm_ = nullptr;  // set last: loss() is usable only once everything is allocated
     microbatches_ = microbatches;
     first_rank_ = first_rank;
     last_rank_ = last_rank;
@@ -357,6 +375,7 @@ class vocab_layers {
     weight_check_ = entry_check(compute_);
     for (cudaEvent_t* ev : {&scratch_free_, &acc_free_})
       if (!*ev) PIPIT_CUDA_CHECK(cudaEventCreateWithFlags(ev, cudaEventDisableTiming));
+    comm_ = &comm;
   }
 
   // Before the step's first pass: the batch must cover every microbatch.
@@ -440,7 +459,9 @@ class vocab_layers {
         comm.wait_for(compute_);
         comm.all_reduce_async(layer.stats(), vocab::merge_op{});
       }
-      // Left in flight: T_k waits for it, so the passes between S_k and T_k overlap it.
+      // Left in flight: T_k waits for it (an event), so the passes after S_k overlap it until
+      // T_k or the next pass that waits for the whole communication stream (S, IB, a later
+      // exchange's consumer), whichever comes first.
       PIPIT_CUDA_CHECK(cudaEventRecord(s.merged, comm.stream()));
     }
   }
@@ -521,9 +542,10 @@ class vocab_layers {
   template <std::size_t N>
   std::array<double, N> read_back(const double* d) const {
     std::array<double, N> h{};
-    if (d == nullptr) fail("pipit::cuda::vocab_layers: loss() before the executor prepared it");
+    if (d == nullptr || comm_ == nullptr)
+      fail("pipit::cuda::vocab_layers: loss() before the executor prepared it");
     PIPIT_CUDA_CHECK(cudaMemcpyAsync(h.data(), d, sizeof h, cudaMemcpyDeviceToHost, compute_));
-    PIPIT_CUDA_CHECK(cudaStreamSynchronize(compute_));
+    comm_->synchronize(compute_, "vocab_layers::loss");
     return h;
   }
 
@@ -587,6 +609,7 @@ class vocab_layers {
   vocab_layers_options options_;
   vocab::loss_options layer_options_;
   int microbatches_ = 0, first_rank_ = 0, last_rank_ = 0;
+  nccl_communicator* comm_ = nullptr;  // the pipeline's, from prepare(): bounds loss()'s wait
   std::vector<slot> slots_;
   device_buffer<T> scratch_;      // IF partial / IB gradient on the ranks that are not the root
   device_buffer<float> acc_;      // one_barrier's A / the input-gradient partial
