@@ -9,6 +9,12 @@
 //   dV = dctx P,   dP^T = V^T dctx,   dS^T = P^T .* (dP^T - 1 colsum(P^T .* dP^T))
 //   dQ = K dS^T / sqrt(dh),   dK = Q dS / sqrt(dh)
 // B writes d_qkv for W, which then forms the two projections' weight gradients.
+//
+// Tensor parallelism (Megatron-LM, Shoeybi et al., arXiv 1909.08053, section 3, figure 3b): rank r
+// of a group of t holds heads [r H/t, (r+1) H/t): their rows of Q, K and V in qkv (column
+// parallel) and their columns of proj (row parallel). The heads need no communication; proj's
+// partial outputs are summed over the group (the g operator) before its bias, kept whole, is
+// added once; in the backward, qkv's partial input gradients are summed (f's backward).
 
 #include <cmath>
 #include <cstddef>
@@ -17,26 +23,30 @@
 
 #include "linear.hpp"
 #include "matrix.hpp"
+#include "tensor_group.hpp"
 
 namespace gpt {
 
 template <class T>
 struct attention {
-  linear<T> qkv, proj;
-  int heads = 1, batch = 1, seq = 1;
+  linear<T> qkv, proj;                // this rank's shards: 3 w x d and d x w
+  int heads = 1, batch = 1, seq = 1;  // heads: this rank's
+  tensor_group<T> tp;                 // t = 1: the whole layer, no communication
 
   Eigen::Index hidden() const noexcept { return proj.out(); }
-  Eigen::Index head_dim() const noexcept { return hidden() / heads; }
+  // This rank's share of the hidden size: heads * head_dim (= hidden() when t = 1).
+  Eigen::Index width() const noexcept { return proj.in(); }
+  Eigen::Index head_dim() const noexcept { return width() / heads; }
   // Elements of the saved probabilities: batch * heads * seq * seq.
   std::size_t probs_size() const noexcept {
     return static_cast<std::size_t>(batch) * static_cast<std::size_t>(heads) *
            static_cast<std::size_t>(seq) * static_cast<std::size_t>(seq);
   }
 
-  // x, y, ctx: d x n; q_k_v: 3d x n; probs: probs_size() (all saved for the backward).
+  // x, y: d x n; ctx: w x n; q_k_v: 3w x n; probs: probs_size() (all saved for the backward).
   void forward(cmap<T> x, map<T> y, map<T> q_k_v, std::span<T> probs, map<T> ctx) const {
     qkv.forward(x, q_k_v);
-    const Eigen::Index d = hidden(), dh = head_dim(), s = seq;
+    const Eigen::Index d = width(), dh = head_dim(), s = seq;
     const T scale = T(1) / std::sqrt(static_cast<T>(dh));
     for (int b = 0; b < batch; ++b)
       for (int h = 0; h < heads; ++h) {
@@ -55,14 +65,16 @@ struct attention {
         }
         ctx.block(r0, c0, dh, s).noalias() = v * pt;
       }
-    proj.forward(as_const(ctx), y);
+    proj.product(as_const(ctx), y);
+    tp.all_reduce(std::span<T>(y.data(), static_cast<std::size_t>(y.size())));  // g
+    proj.add_bias(y);
   }
 
-  // dy: d x n; d_ctx: d x n scratch; d_qkv: 3d x n (kept for backward_weight); dx: d x n.
+  // dy: d x n; d_ctx: w x n scratch; d_qkv: 3w x n (kept for backward_weight); dx: d x n.
   void backward_input(cmap<T> dy, cmap<T> q_k_v, std::span<const T> probs, map<T> d_ctx,
                       map<T> d_qkv, map<T> dx) const {
     proj.backward_input(dy, d_ctx);
-    const Eigen::Index d = hidden(), dh = head_dim(), s = seq;
+    const Eigen::Index d = width(), dh = head_dim(), s = seq;
     const T scale = T(1) / std::sqrt(static_cast<T>(dh));
     matrix<T> dst(s, s);
     for (int b = 0; b < batch; ++b)
@@ -83,6 +95,7 @@ struct attention {
         d_qkv.block(d + r0, c0, dh, s).noalias() = scale * (q * dst.transpose());  // dK
       }
     qkv.backward_input(as_const(d_qkv), dx);
+    tp.all_reduce(std::span<T>(dx.data(), static_cast<std::size_t>(dx.size())));  // f's backward
   }
 
   void backward_weight(cmap<T> x, cmap<T> dy, cmap<T> ctx, cmap<T> d_qkv) {

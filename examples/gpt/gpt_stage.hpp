@@ -19,6 +19,16 @@
 // `saved` of a chunk holds, per microbatch: the embedding output (stage 0), every block's output
 // and the gradient at every block boundary, every block's saved values (block_layout) and the
 // head's (lm_head_layout), or the final norm's under vocabulary parallelism.
+//
+// Tensor parallelism: a stage made with a tensor_group of t > 1 ranks holds rank r's shards of
+// its blocks (block.hpp); every rank of the group runs the same passes, and the blocks sum their
+// partial results over the group inside them. Everything outside the blocks (embeddings, final
+// norm, LM head) is replicated: each rank of the group computes it on the same values, so its
+// gradients, and after the optimizer its values, stay bit-identical without communication.
+//
+// Data parallelism: replica r's microbatch j is the data source's microbatch r * m + j of the
+// step (m = stage_options::microbatches), so d replicas of m microbatches draw exactly what one
+// replica of d * m microbatches draws.
 
 #include <algorithm>
 #include <chrono>
@@ -38,13 +48,14 @@
 #include "matrix.hpp"
 #include "pipit/partition/partition.hpp"
 #include "pipit/runtime/pass_info.hpp"
+#include "tensor_group.hpp"
 
 namespace gpt {
 
 struct stage_options {
-  int microbatches = 1;         // per step: the loss is the mean over them
+  int microbatches = 1;         // per step and replica: the loss is the mean over them
   std::uint64_t data_seed = 1;  // which microbatches the data source draws
-  int replica = 0;              // data-parallel replica (draws its own microbatches)
+  int replica = 0;  // data-parallel replica: draws the step's microbatches [r m, (r + 1) m)
 };
 
 template <class T>
@@ -52,9 +63,17 @@ class gpt_stage {
  public:
   using value_type = T;
 
+  // `rank`: this rank's pipeline stage; `tp`: its tensor-parallel group (default: none).
   gpt_stage(const model_config& cfg, const pipit::partition::partition& part, int rank,
-            const data_source& data, stage_options opt)
-      : cfg_(check(cfg)), data_(&data), opt_(opt), vocab_parallel_(part.vocab_parallel) {
+            const data_source& data, stage_options opt, tensor_group<T> tp = {})
+      : cfg_(check(cfg)),
+        data_(&data),
+        opt_(opt),
+        vocab_parallel_(part.vocab_parallel),
+        tensor_size_(tp.size),
+        tensor_rank_(tp.rank) {
+    check_tensor_parallel(cfg, tp.size);
+    check_tensor_split(tp.size, tp.rank);
     pipit::partition::check(part);
     if (part.layer_count() != cfg.layers)
       pipit::fail("gpt::gpt_stage: the partition holds ", part.layer_count(),
@@ -64,6 +83,8 @@ class gpt_stage {
                   cfg.vocab);
     if (opt.microbatches < 1)
       pipit::fail("gpt::gpt_stage: microbatches must be >= 1 (got ", opt.microbatches, ")");
+    if (opt.replica < 0)
+      pipit::fail("gpt::gpt_stage: replica must be >= 0 (got ", opt.replica, ")");
     if (rank < 0 || rank >= part.pipe.ranks)
       pipit::fail("gpt::gpt_stage: rank ", rank, " is outside [0, ", part.pipe.ranks, ")");
     const std::size_t dn = hidden_tokens(), n = static_cast<std::size_t>(cfg.tokens());
@@ -79,7 +100,7 @@ class gpt_stage {
       ch.first_block = static_cast<int>(blocks_.size());
       ch.blocks = st.layers;
       for (int l = st.first_layer; l < st.first_layer + st.layers; ++l) {
-        blocks_.push_back(std::make_unique<block<T>>(cfg, l));
+        blocks_.push_back(std::make_unique<block<T>>(cfg, l, tp));
         block_layers_.push_back(l);
       }
       std::size_t at = 0;
@@ -221,6 +242,8 @@ class gpt_stage {
   double busy_seconds() const noexcept { return busy_seconds_; }
   bool holds_loss() const noexcept { return head_ != nullptr; }
   bool vocab_parallel() const noexcept { return vocab_parallel_; }
+  int tensor_size() const noexcept { return tensor_size_; }
+  int tensor_rank() const noexcept { return tensor_rank_; }
   std::size_t parameter_count() const {
     std::size_t k = 0;
     for (const auto& p : params_) k += p.value.size();
@@ -266,7 +289,8 @@ class gpt_stage {
 
   // The microbatch's input ids (targets == false) or target ids into ids_.
   void load_ids(const pipit::runtime::pass_info& i, bool targets) {
-    data_->microbatch(cfg_, opt_.data_seed, i.step, opt_.replica, i.microbatch, batch_tokens_);
+    data_->microbatch(cfg_, opt_.data_seed, i.step, 0,
+                      opt_.replica * opt_.microbatches + i.microbatch, batch_tokens_);
     const auto s = static_cast<std::size_t>(cfg_.seq);
     for (std::size_t b = 0; b < static_cast<std::size_t>(cfg_.batch); ++b)
       std::copy_n(
@@ -313,10 +337,12 @@ class gpt_stage {
 
   void collect_parameters() {
     int layer = -1;
-    const auto add = [this, &layer](tensor_id id, auto& value, auto& grad) {
+    const auto add = [this, &layer](tensor_id id, auto& value, auto& grad,
+                                    tensor_split split = tensor_split::replicated) {
       params_.push_back({std::span<T>(value.data(), static_cast<std::size_t>(value.size())),
                          std::span<T>(grad.data(), static_cast<std::size_t>(grad.size())),
-                         tensor_key(layer, id), 0});
+                         tensor_key(layer, id), 0, split, static_cast<std::int64_t>(value.rows()),
+                         tensor_rank_, tensor_size_});
     };
     if (tokens_) add(tensor_id::token_embedding, tokens_->e, tokens_->d_e);
     if (positions_) add(tensor_id::position_embedding, positions_->p, positions_->d_p);
@@ -337,6 +363,7 @@ class gpt_stage {
   const data_source* data_;
   stage_options opt_;
   bool vocab_parallel_;
+  int tensor_size_, tensor_rank_;
   std::vector<chunk> chunks_;
   std::vector<std::unique_ptr<block<T>>> blocks_;
   std::vector<int> block_layers_;  // the model layer of each block

@@ -23,9 +23,13 @@ struct linear {
   Eigen::Index out() const noexcept { return w.rows(); }
 
   void forward(cmap<T> x, map<T> y) const {
-    y.noalias() = w * x;
-    y.colwise() += b;
+    product(x, y);
+    add_bias(y);
   }
+  // The two halves of forward, for a row-parallel layer (tensor parallelism): its partial
+  // products are summed over the group before the (whole, replicated) bias is added once.
+  void product(cmap<T> x, map<T> y) const { y.noalias() = w * x; }
+  void add_bias(map<T> y) const { y.colwise() += b; }
   void backward_input(cmap<T> dy, map<T> dx) const { dx.noalias() = w.transpose() * dy; }
   void backward_weight(cmap<T> x, cmap<T> dy) {
     d_w.noalias() += dy * x.transpose();

@@ -38,6 +38,14 @@ cmap<T> as_const(const map<T>& m) {
   return cmap<T>(m.data(), m.rows(), m.cols());
 }
 
+// How a parameter tensor is cut over a tensor-parallel group (tensor_group.hpp: place_shard).
+//   replicated: every rank holds the whole tensor (layer norms, row-parallel biases, embeddings)
+//   rows:       rank r holds row block r (fc1's weight and bias)
+//   q_k_v_rows: rank r holds row block r of each of the three stacked thirds (qkv: its heads'
+//               rows of Q, K and V)
+//   cols:       rank r holds column block r (proj's and fc2's weights)
+enum class tensor_split { replicated, rows, q_k_v_rows, cols };
+
 // A parameter tensor and its gradient, as the optimizer and the data-parallel reduction see them.
 template <class T>
 struct parameter {
@@ -45,6 +53,9 @@ struct parameter {
   std::span<T> grad;
   std::uint64_t key = 0;   // which tensor (config.hpp: tensor_key)
   std::size_t offset = 0;  // where `value` starts in the whole tensor (vocabulary shards)
+  tensor_split split = tensor_split::replicated;
+  std::int64_t rows = 0;  // rows of `value` as a column-major matrix (split tensors)
+  int tensor_rank = 0, tensor_size = 1;
 };
 
 }  // namespace gpt

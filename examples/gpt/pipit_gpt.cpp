@@ -4,6 +4,7 @@
 //   pipit-gpt --partition vocab-parallel --vocab one-barrier --trace step.json --svg step.svg
 //   pipit-gpt --compare --vocab-size 65536 ...     # naive vs vocabulary parallel, measured
 //   mpirun -np 4 pipit-gpt --schedule 1f1b        # one process per rank (pipit built with MPI)
+//   pipit-gpt --tensor 2 --data-parallel 2 --ranks 2   # 3D: 8 ranks, tensor x data x pipeline
 //
 // Data: the embedded synthetic language (a Zipf-distributed Markov chain whose entropy rate is
 // the loss floor) or a binary token file (--data FILE --token-bytes 2|4). At the end: the loss
@@ -76,13 +77,21 @@ double tail_mean(const std::vector<double>& losses) {
 }
 
 void rank_table(const gpt::train_summary& s) {
-  std::printf("%-4s  %-26s %8s %8s %8s %6s %9s %9s %9s %9s\n", "rank", "holds", "busy s", "exch s",
-              "idle s", "idle", "param MiB", "adam MiB", "stash MiB", "peak MiB");
+  // On a 3D grid each rank's (tensor, data, pipeline) coordinates follow its number.
+  const bool grid = s.grid.size() > s.grid.pipeline;
+  std::printf("%-*s  %-26s %8s %8s %8s %6s %9s %9s %9s %9s\n", grid ? 13 : 4,
+              grid ? "rank (t,d,p)" : "rank", "holds", "busy s", "exch s", "idle s", "idle",
+              "param MiB", "adam MiB", "stash MiB", "peak MiB");
   for (std::size_t r = 0; r < s.ranks.size(); ++r) {
     const auto& k = s.ranks[r];
     const double idle = std::max(0.0, k.wall_seconds - k.busy_seconds - k.comm_seconds);
-    std::printf("%-4zu  %-26s %8.3f %8.3f %8.3f %5.1f%% %9.2f %9.2f %9.2f %9.2f\n", r,
-                k.holds.c_str(), k.busy_seconds, k.comm_seconds, idle,
+    char who[48];
+    if (grid)
+      std::snprintf(who, sizeof who, "%-3zu (%d,%d,%d)", r, k.tensor, k.data, k.pipeline);
+    else
+      std::snprintf(who, sizeof who, "%zu", r);
+    std::printf("%-*s  %-26s %8.3f %8.3f %8.3f %5.1f%% %9.2f %9.2f %9.2f %9.2f\n", grid ? 13 : 4,
+                who, k.holds.c_str(), k.busy_seconds, k.comm_seconds, idle,
                 k.wall_seconds > 0 ? 100.0 * idle / k.wall_seconds : 0.0, k.parameter_bytes / mib,
                 k.optimizer_bytes / mib, k.stash_bytes / mib, k.peak_bytes() / mib);
   }
@@ -168,7 +177,8 @@ int main(int argc, char** argv) {
   gpt::train_options o;
   o.model = {.vocab = 256, .seq = 32, .hidden = 64, .heads = 4, .layers = 4, .batch = 4};
   o.adam.lr = 3e-3;
-  int ranks = 2, successors = 8, token_bytes = 2, log_every = 0, repeats = 1;
+  int ranks = 2, tensor = 1, replicas = 1, successors = 8, token_bytes = 2, log_every = 0,
+      repeats = 1;
   double zipf = 1.0;
   bool compare = false, predict = false;
   std::string data_path = "synthetic", backend = "auto", svg_path, trace_path;
@@ -177,7 +187,13 @@ int main(int argc, char** argv) {
                                      std::end(pipit::schedule::all_policy_names));
   std::vector<std::string> algorithms(std::begin(gpt::vocab_algorithm_names),
                                       std::end(gpt::vocab_algorithm_names));
-  app.add_option("--ranks,-p", ranks, "pipeline ranks (threads; under mpirun: the processes)")
+  app.add_option("--ranks,-p", ranks,
+                 "pipeline ranks (threads; under mpirun: the processes / (tensor x data-parallel))")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--tensor,-t", tensor, "tensor-parallel ranks per pipeline stage (Megatron)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--data-parallel,-d", replicas,
+                 "data-parallel replicas (each runs --microbatches microbatches per step)")
       ->check(CLI::PositiveNumber);
   app.add_option("--schedule", o.schedule, "pipeline schedule")->check(CLI::IsMember(schedules));
   app.add_option("--microbatches,-m", o.microbatches, "microbatches per step")
@@ -231,18 +247,39 @@ int main(int argc, char** argv) {
   }
   mpi = false;
 #endif
-  int world = 0;
+  int world = 0, world_size = tensor * replicas * ranks;
+  const bool ranks_given = app.count("--ranks") > 0;
 #ifdef PIPIT_GPT_WITH_MPI
   if (mpi) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &world);
-    MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+    MPI_Comm_size(MPI_COMM_WORLD, &world_size);
   }
 #endif
   const bool root = world == 0;
   int rc = 0;
   try {
+    if (mpi) {  // the pipeline gets what tensor x data-parallel leave; an explicit --ranks must fit
+      if (ranks_given && tensor * replicas * ranks != world_size)
+        pipit::fail("mpirun started ", world_size, " processes but the grid tensor ", tensor,
+                    " x data ", replicas, " x pipeline ", ranks, " needs ",
+                    tensor * replicas * ranks);
+      if (world_size % (tensor * replicas) != 0)
+        pipit::fail("mpirun started ", world_size, " processes, not a multiple of tensor ", tensor,
+                    " x data ", replicas, " = ", tensor * replicas);
+      ranks = world_size / (tensor * replicas);
+    }
+    o.tensor = tensor;
+    o.data = replicas;
+    o.pipeline = ranks;
+    const bool grid3d = tensor * replicas > 1;
+    if (grid3d && (predict || compare))
+      pipit::fail(
+          "--predict and --compare model the pipeline alone; run them with --tensor 1 "
+          "--data-parallel 1 (got tensor ",
+          tensor, ", data ", replicas, ")");
     gpt::check(o.model);
+    gpt::grid_of(o, world_size);  // refuses a grid the model does not split over
     const gpt::data_source data =
         data_path == "synthetic"
             ? gpt::data_source(
@@ -262,7 +299,7 @@ int main(int argc, char** argv) {
         return summary;
       }
 #endif
-      pipit::comm::threads::run(ranks, [&](pipit::comm::threads& comm) {
+      pipit::comm::threads::run(world_size, [&](pipit::comm::threads& comm) {
         auto s = gpt::train<float>(comm, opt, data, p);
         if (comm.rank() == 0) summary = std::move(s);
       });
@@ -274,6 +311,12 @@ int main(int argc, char** argv) {
           "pipit-gpt: %d layers, d=%d, %d heads, S=%d, V=%d; %d x %d tokens per microbatch\n",
           c.layers, c.hidden, c.heads, c.seq, c.vocab, c.batch, c.seq);
       std::printf("data: %s\n", data.describe().c_str());
+      if (grid3d)
+        std::printf(
+            "grid: tensor %d x data %d x pipeline %d = %d ranks (%s); %d microbatches per "
+            "replica, %d per step\n",
+            tensor, replicas, ranks, world_size, mpi ? "mpi" : "threads", o.microbatches,
+            o.microbatches * replicas);
       std::fflush(stdout);
     }
 
@@ -285,7 +328,9 @@ int main(int argc, char** argv) {
                     o.partition.c_str(),
                     pipit::partition::to_layout(gpt::partition_of(o, ranks)).c_str(),
                     plan.vocab != pipit::schedule::vocab_passes::none
-                        ? (", E and L sharded over the ranks, " + o.vocab).c_str()
+                        ? (std::string(", E and L sharded over the ") +
+                           (tensor > 1 ? "pipeline x tensor ranks, " : "ranks, ") + o.vocab)
+                              .c_str()
                         : "");
         std::fflush(stdout);
       }

@@ -1,20 +1,29 @@
 #pragma once
-// train<T>(comm, options, data, on_step): trains the GPT on the ranks of `comm` (one pipeline;
-// comm::threads or comm::mpi), each rank running its gpt_stage under pipit's executor and
-// stepping its own parameters with Adam. Every rank returns the same summary: the loss of every
-// step, each rank's busy, communication and wall time and memory, and the measured timeline of
-// one step.
+// train<T>(comm, options, data, on_step): trains the GPT on the ranks of `comm` (comm::threads or
+// comm::mpi: one pipeline, or a tensor x data x pipeline grid), each rank running its gpt_stage
+// under pipit's executor and stepping its own parameters with Adam. Every rank returns the same
+// summary: the loss of every step, each rank's busy, communication and wall time and memory;
+// and the measured timeline of one step on its own pipeline.
 //
 // Two ways to hold the vocabulary layers:
 //   - naive, balanced, layout:...: the token embedding on the first virtual stage and the LM head
-//     with the loss on the last (gpt_stage holds them); the loss is summed over the ranks (the
-//     others contribute 0);
-//   - vocab-parallel: both tables sharded over every pipeline rank (vocab_tables) and run by
-//     pipit::runtime::vocab_layers as the plan's S, T, IF and IB passes (Yeung et al.,
+//     with the loss on the last (gpt_stage holds them, replicated over the tensor ranks); the
+//     loss is summed over the ranks (the others contribute 0);
+//   - vocab-parallel: both tables sharded over every pipeline x tensor rank (vocab_tables) and
+//     run by pipit::runtime::vocab_layers as the plan's S, T, IF and IB passes (Yeung et al.,
 //     "Balancing Pipeline Parallelism with Vocabulary Parallelism", MLSys 2025), with the
 //     output-layer algorithm options.vocab; every rank then knows the loss.
 // Either way the step's loss is the mean over its microbatches of their mean cross-entropy, so
 // both compute the same function of the same parameters (the tests hold them to 1e-10).
+//
+// 3D parallelism (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU
+// Clusters Using Megatron-LM", arXiv 2104.04473): options.tensor x options.data x pipeline ranks
+// (comm.size() must be their product) form a pipit::tp::process_grid. Each rank runs its pipeline
+// stage with the blocks split over its tensor group (block.hpp), the executor over its pipeline
+// group with its data group averaging the gradients, and replica r draws the step's microbatches
+// [r m, (r + 1) m): d replicas of m microbatches train exactly the model one process trains with
+// d m microbatches. The step's loss counts each microbatch once (tensor rank 0 of each replica)
+// and is the mean over the replicas.
 
 #include <algorithm>
 #include <array>
@@ -40,7 +49,10 @@
 #include "pipit/schedule/by_name.hpp"
 #include "pipit/schedule/vocab_passes.hpp"
 #include "pipit/sim/simulate.hpp"
+#include "pipit/tp/grid_layout.hpp"
+#include "pipit/tp/process_grid.hpp"
 #include "pipit/vocab/algorithms.hpp"
+#include "tensor_group.hpp"
 #include "timeline.hpp"
 #include "vocab_tables.hpp"
 
@@ -58,7 +70,30 @@ struct train_options {
   std::uint64_t data_seed = 1;
   bool rematerialize = false;
   int trace_step = 0;  // the step whose passes are recorded (from 1; 0: the last)
+  // The 3D grid: tensor x data x pipeline ranks. microbatches is per replica.
+  int tensor = 1;    // tensor-parallel ranks per stage (Megatron's t)
+  int data = 1;      // data-parallel replicas (d)
+  int pipeline = 0;  // pipeline stages (p); 0: comm.size() / (tensor * data)
 };
+
+// The grid train() runs on `world` ranks; throws pipit::error naming the sizes that do not fit.
+inline pipit::tp::grid_shape grid_of(const train_options& o, int world) {
+  if (o.tensor < 1 || o.data < 1 || o.pipeline < 0)
+    pipit::fail(
+        "gpt: the grid needs tensor >= 1, data >= 1 and pipeline >= 0 (0: the rest), got "
+        "tensor ",
+        o.tensor, ", data ", o.data, ", pipeline ", o.pipeline);
+  const int p = o.pipeline > 0 ? o.pipeline : world / (o.tensor * o.data);
+  if (p < 1 || o.tensor * o.data * p != world)
+    pipit::fail("gpt: the grid tensor ", o.tensor, " x data ", o.data, " x pipeline ",
+                o.pipeline > 0 ? std::to_string(o.pipeline) : std::string("(the rest)"),
+                " does not fit ", world, " ranks",
+                o.pipeline > 0
+                    ? " (it needs " + std::to_string(o.tensor * o.data * o.pipeline) + ")"
+                    : std::string());
+  check_tensor_parallel(o.model, o.tensor);
+  return {o.tensor, o.data, p};
+}
 
 inline constexpr std::string_view vocab_algorithm_names[] = {"one-barrier", "two-barrier", "naive"};
 
@@ -71,7 +106,10 @@ struct step_report {
 };
 
 struct rank_summary {
-  std::string holds;           // e.g. "E t*2" (partition::describe per chunk), "+ E/L shard"
+  std::string holds;  // e.g. "E t*2" (partition::describe per chunk), "+ E/L shard"
+  int tensor = 0;     // the rank's coordinates on the grid
+  int data = 0;
+  int pipeline = 0;
   double busy_seconds = 0;     // inside compute instructions (stage and vocabulary passes)
   double comm_seconds = 0;     // inside the executor's point-to-point exchanges
   double wall_seconds = 0;     // from the first step to the last, on this rank
@@ -89,8 +127,9 @@ struct train_summary {
   std::vector<double> step_end_seconds;  // rank 0's clock at the end of each step
   std::vector<rank_summary> ranks;
   std::string layout;           // the partition, in the layout language
+  pipit::tp::grid_shape grid;   // tensor x data x pipeline
   pipit::schedule::plan plan;   // the plan the executor ran (with its vocabulary passes)
-  pipit::sim::result timeline;  // the recorded step's measured passes, in seconds
+  pipit::sim::result timeline;  // the recorded step's passes on this rank's pipeline, seconds
   int traced_step = 0;
   double seconds = 0;  // wall time of all steps (the slowest rank)
   long long tokens_per_step = 0;
@@ -109,7 +148,7 @@ struct train_summary {
   }
 };
 
-// The plan the trainer runs: `schedule` on comm.size() ranks.
+// The plan the trainer runs: `schedule` on `ranks` pipeline stages.
 inline pipit::schedule::shape shape_of(const train_options& o, int ranks) {
   const int chunks = o.chunks > 0 ? o.chunks : pipit::schedule::default_chunks(o.schedule);
   return {ranks, o.microbatches, chunks};
@@ -220,26 +259,40 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
                     OnEnd&& on_end) {
   if (o.steps < 1) pipit::fail("gpt: steps must be >= 1 (got ", o.steps, ")");
   if (o.trace_step < 0) pipit::fail("gpt: trace_step must be >= 0 (got ", o.trace_step, ")");
-  const int ranks = comm.size();
+  const pipit::tp::grid_shape shape = grid_of(o, comm.size());
+  const int ranks = shape.pipeline;
   const pipit::partition::partition part = partition_of(o, ranks);
   train_summary out;
+  out.grid = shape;
   out.plan = plan_of(o, ranks);
   out.layout = pipit::partition::to_layout(part);
-  out.tokens_per_step = static_cast<long long>(o.model.tokens()) * o.microbatches;
-  gpt_stage<T> stage(o.model, part, comm.rank(), data,
-                     {.microbatches = o.microbatches, .data_seed = o.data_seed, .replica = 0});
+  out.tokens_per_step = static_cast<long long>(o.model.tokens()) * o.microbatches * shape.data;
+  // Collective over comm: every rank splits it into its tensor, data and pipeline groups.
+  pipit::tp::process_grid grid(comm, pipit::tp::grid_layout(shape));
+  const pipit::tp::grid_coords at = grid.coords();
+  gpt_stage<T> stage(o.model, part, at.pipeline, data,
+                     {.microbatches = o.microbatches, .data_seed = o.data_seed, .replica = at.data},
+                     shape.tensor > 1 ? make_tensor_group<T>(grid.tensor()) : tensor_group<T>{});
   const pipit::runtime::executor_options xo{.rematerialize = o.rematerialize, .seed = o.data_seed};
   timeline_recorder rec;
   double wall = 0, param_bytes = 0, workspace = 0, optimizer_bytes = 0, stash = 0;
   std::vector<parameter<T>> params(stage.parameters().begin(), stage.parameters().end());
   std::optional<vocab_tables<T>> tables;  // outlives the loop: on_end reads the parameters
+  const double replicas = shape.data;
 
   if (!part.vocab_parallel) {
-    pipit::runtime::executor ex(comm, stage, out.plan, xo);
+    // Over this rank's pipeline group, averaging the gradients over its data group (skipped
+    // with one replica).
+    pipit::runtime::executor ex(grid.groups(), stage, out.plan, xo);
     adam<T> opt(params, o.adam);
+    // The last stage's tensor rank 0 of each replica counts its microbatches once.
+    const auto loss_of = [&] {
+      const double l = stage.take_loss();
+      return at.tensor == 0 ? l / replicas : 0.0;
+    };
     detail_train::loop<T>(
-        comm, o, ex, std::span<const parameter<T>>(params), [](std::uint64_t) {},
-        [&] { return stage.take_loss(); }, on_step, rec, opt, out, wall);
+        comm, o, ex, std::span<const parameter<T>>(params), [](std::uint64_t) {}, loss_of, on_step,
+        rec, opt, out, wall);
     param_bytes = static_cast<double>(2 * stage.parameter_count() * sizeof(T));
     optimizer_bytes = static_cast<double>(opt.state_bytes());
     stash = static_cast<double>(ex.stash_bytes());
@@ -248,16 +301,20 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
     static_assert(std::is_same_v<pipit::vocab::accum_t<T>, T>,
                   "gpt::train: the vocabulary shards' gradients are kept in T, so T must be its "
                   "own accumulation type (float or double)");
-    const pipit::vocab::vocab_shards shards(o.model.vocab, ranks);
-    tables.emplace(o.model, shards, comm.rank());
+    // One shard per pipeline x tensor rank of the replica (with t = 1: per pipeline rank).
+    const pipit::vocab::vocab_shards shards(o.model.vocab, ranks * shape.tensor);
+    const int shard = grid.vocab().rank();
+    tables.emplace(o.model, shards, shard);
     params.insert(params.end(), tables->parameters().begin(), tables->parameters().end());
     with_vocab_algorithm(o.vocab, [&]<class A>(std::type_identity<A>) {
-      pipit::runtime::vocab_layers<A, T> vocab(shards, comm.rank(), o.model.tokens(),
-                                               tables->embedding(), tables->embedding_grad(),
-                                               tables->head(), tables->head_grad());
-      pipit::runtime::executor ex(comm, stage, vocab, out.plan, xo);
+      pipit::runtime::vocab_layers<A, T> vocab(shards, shard, o.model.tokens(), tables->embedding(),
+                                               tables->embedding_grad(), tables->head(),
+                                               tables->head_grad());
+      // Vocabulary collectives over the replica's pipeline x tensor ranks (grid.vocab()).
+      pipit::runtime::executor ex(grid.groups(), stage, vocab, out.plan, xo);
       adam<T> opt(params, o.adam);
-      // The step's ids and targets, the same on every rank, drawn as gpt_stage draws them.
+      // The step's ids and targets, the same on every rank of the replica, drawn as gpt_stage
+      // draws them: the replica's microbatches [r m, (r + 1) m) of the step.
       const auto n = static_cast<std::size_t>(o.model.tokens());
       const auto s = static_cast<std::size_t>(o.model.seq);
       std::vector<std::int64_t> ids(n * static_cast<std::size_t>(o.microbatches)),
@@ -265,45 +322,54 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
       std::vector<std::int32_t> raw(static_cast<std::size_t>(o.model.batch) * (s + 1));
       const auto before_run = [&](std::uint64_t step) {
         for (int mb = 0; mb < o.microbatches; ++mb) {
-          data.microbatch(o.model, o.data_seed, step, 0, mb, raw);
-          const std::size_t at = static_cast<std::size_t>(mb) * n;
+          data.microbatch(o.model, o.data_seed, step, 0, at.data * o.microbatches + mb, raw);
+          const std::size_t first = static_cast<std::size_t>(mb) * n;
           for (std::size_t b = 0; b < static_cast<std::size_t>(o.model.batch); ++b)
             for (std::size_t t = 0; t < s; ++t) {
-              ids[at + b * s + t] = raw[b * (s + 1) + t];
-              targets[at + b * s + t] = raw[b * (s + 1) + t + 1];
+              ids[first + b * s + t] = raw[b * (s + 1) + t];
+              targets[first + b * s + t] = raw[b * (s + 1) + t + 1];
             }
         }
         vocab.set_batch(ids, targets);
       };
-      // Every rank knows the loss after the S passes; rank 0 contributes it to the sum.
+      // Every rank of a replica knows its loss after the S passes; one rank of it contributes.
       const auto loss_of = [&] {
-        return comm.rank() == 0 ? static_cast<double>(vocab.loss().loss) : 0.0;
+        return at.pipeline == 0 && at.tensor == 0
+                   ? static_cast<double>(vocab.loss().loss) / replicas
+                   : 0.0;
       };
       detail_train::loop<T>(comm, o, ex, std::span<const parameter<T>>(params), before_run, loss_of,
                             on_step, rec, opt, out, wall);
       param_bytes = static_cast<double>(2 * stage.parameter_count() * sizeof(T) + tables->bytes());
       optimizer_bytes = static_cast<double>(opt.state_bytes());
       stash = static_cast<double>(ex.stash_bytes());
-      workspace = detail_train::vocab_layers_bytes<T>(o.model, shards, comm.rank(),
+      workspace = detail_train::vocab_layers_bytes<T>(o.model, shards, shard,
                                                       std::max(ex.compiled().vocab_slots, 1));
     });
   }
   on_end(std::span<const parameter<T>>(params));
-  out.timeline = gather_timeline(comm, rec.passes());
+  out.timeline = gather_timeline(grid.pipeline(), rec.passes());
 
   // Every rank's numbers to every rank.
   constexpr std::size_t fields = 7;
+  const int world = comm.size();
   const std::array<double, fields> mine{
       rec.busy_seconds(), rec.comm_seconds(), wall, param_bytes, optimizer_bytes, stash, workspace};
-  std::vector<double> all(fields * static_cast<std::size_t>(ranks));
+  std::vector<double> all(fields * static_cast<std::size_t>(world));
   comm.all_gather(std::span<const double>(mine), std::span<double>(all));
-  for (int r = 0; r < ranks; ++r) {
+  for (int r = 0; r < world; ++r) {
     const double* f = all.data() + fields * static_cast<std::size_t>(r);
+    const pipit::tp::grid_coords c = grid.layout().coords_of(r);
     rank_summary s;
-    for (const int v : part.stages_of(r))
+    s.tensor = c.tensor;
+    s.data = c.data;
+    s.pipeline = c.pipeline;
+    for (const int v : part.stages_of(c.pipeline))
       s.holds += (s.holds.empty() ? "" : " | ") +
                  pipit::partition::describe(part.stages[static_cast<std::size_t>(v)]);
     if (part.vocab_parallel) s.holds += " + E/L shard";
+    if (shape.tensor > 1)
+      s.holds += " (tp " + std::to_string(c.tensor) + "/" + std::to_string(shape.tensor) + ")";
     s.busy_seconds = f[0];
     s.comm_seconds = f[1];
     s.wall_seconds = f[2];

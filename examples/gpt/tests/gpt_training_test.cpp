@@ -1,6 +1,7 @@
 // Training the GPT example through pipit: pipeline-parallel runs (comm::threads, 2 and 4 ranks,
-// 1F1B, ZB-H1 and ZB-V, with and without re-materialization) follow single-rank training, and
-// the loss falls toward the synthetic language's entropy rate.
+// 1F1B, ZB-H1 and ZB-V, with and without re-materialization) and 3D runs (tensor x data x
+// pipeline, 8 ranks) follow single-rank training, and the loss falls toward the synthetic
+// language's entropy rate.
 #include <catch2/catch.hpp>
 
 #include <algorithm>
@@ -13,6 +14,8 @@
 #include <vector>
 
 #include "pipit/comm/threads.hpp"
+#include "pipit/tp/grid_layout.hpp"
+#include "tensor_group.hpp"
 #include "train.hpp"
 
 namespace {
@@ -320,6 +323,223 @@ TEST_CASE("the loss falls toward the entropy bound with vocabulary parallelism",
   // last 10 of 300 steps 1.373 (0.130 above H = 1.2425) — the naive partition's numbers, as the
   // two compute the same function.
   check_loss_toward_bound("vocab-parallel");
+}
+
+}  // namespace
+
+namespace {
+
+// ---- 3D parallelism: tensor x data x pipeline ranks ------------------------------------------
+
+// One parameter as one rank held it at the end of training.
+struct held {
+  gpt::parameter<double> meta;  // spans not used: `values` holds the numbers
+  std::vector<double> values;
+  gpt::parameter<double> view() {
+    gpt::parameter<double> p = meta;
+    p.value = std::span<double>(values);
+    p.grad = {};
+    return p;
+  }
+};
+
+struct grid_result {
+  std::vector<double> losses;
+  std::vector<std::vector<held>> by_rank;  // world rank -> its parameters
+  pipit::tp::grid_shape grid;
+};
+
+grid_result run_grid(int world, const gpt::train_options& o, const gpt::data_source& data) {
+  grid_result out;
+  out.by_rank.resize(static_cast<std::size_t>(world));
+  std::mutex m;
+  pipit::comm::threads::run(world, [&](pipit::comm::threads& comm) {
+    const auto s = gpt::train<double>(
+        comm, o, data, [](const gpt::step_report&) {},
+        [&](std::span<const gpt::parameter<double>> ps) {
+          std::vector<held> mine;
+          for (const auto& p : ps) mine.push_back({p, {p.value.begin(), p.value.end()}});
+          std::lock_guard lock(m);
+          out.by_rank[static_cast<std::size_t>(comm.rank())] = std::move(mine);
+        });
+    if (comm.rank() == 0) {
+      std::lock_guard lock(m);
+      out.losses = s.losses;
+      out.grid = s.grid;
+    }
+  });
+  return out;
+}
+
+// The whole tensors, rebuilt from the shards of replica 0's ranks.
+params assemble(grid_result& r) {
+  const pipit::tp::grid_layout layout(r.grid);
+  params whole;
+  for (std::size_t w = 0; w < r.by_rank.size(); ++w) {
+    if (layout.coords_of(static_cast<int>(w)).data != 0) continue;
+    for (held& h : r.by_rank[w]) {
+      const gpt::parameter<double> p = h.view();
+      auto& t = whole[p.key];
+      t.resize(std::max(t.size(), gpt::whole_size(p)));
+      gpt::place_shard(p, std::span<double>(t));
+    }
+  }
+  return whole;
+}
+
+// Pairs of ranks whose parameters must be bit-identical: every parameter of a rank against the
+// same parameter on replica 0 (data parallelism averages the same gradients everywhere), and
+// every replicated parameter against tensor rank 0's. Returns the tensors compared; counts
+// mismatches into `differ`.
+int compare_replicas(grid_result& r, int& differ) {
+  const pipit::tp::grid_layout layout(r.grid);
+  int compared = 0;
+  differ = 0;
+  const auto same = [&](const held& a, const held& b) {
+    ++compared;
+    if (a.values != b.values) ++differ;  // exact: bitwise for doubles that are not NaN
+  };
+  for (std::size_t w = 0; w < r.by_rank.size(); ++w) {
+    pipit::tp::grid_coords c = layout.coords_of(static_cast<int>(w));
+    const auto& mine = r.by_rank[w];
+    if (c.data != 0) {  // against replica 0: the same parameters in the same order
+      pipit::tp::grid_coords c0 = c;
+      c0.data = 0;
+      const auto& other = r.by_rank[static_cast<std::size_t>(layout.rank_of(c0))];
+      REQUIRE(other.size() == mine.size());
+      for (std::size_t k = 0; k < mine.size(); ++k) same(mine[k], other[k]);
+    }
+    if (c.tensor != 0) {  // replicated parameters against tensor rank 0
+      pipit::tp::grid_coords c0 = c;
+      c0.tensor = 0;
+      const auto& other = r.by_rank[static_cast<std::size_t>(layout.rank_of(c0))];
+      for (const held& h : mine) {
+        if (h.meta.split != gpt::tensor_split::replicated) continue;
+        const auto it = std::find_if(other.begin(), other.end(), [&](const held& o) {
+          return o.meta.key == h.meta.key && o.meta.offset == h.meta.offset;
+        });
+        if (it != other.end()) same(h, *it);  // vocabulary shards differ by offset: skipped
+      }
+    }
+  }
+  return compared;
+}
+
+gpt::model_config grid_model() {
+  gpt::model_config c = small();  // V 48, S 8, d 16, 2 heads, 4 layers, 2 sequences
+  c.init_std = 0.1;               // larger than GPT-2's: the attention is far from uniform
+  return c;
+}
+
+// 8 thread ranks as tensor 2 x data 2 x pipeline 2 against one process with d * m microbatches.
+// Tolerance: 1e-10, the argument of the pipeline tests above, now with the blocks' linear layers
+// split over two ranks and their partial products summed (a different order of the same double
+// sums) and the replicas' gradients averaged (sum / 2 instead of each microbatch's 1 / (d m)).
+// Measured: the losses agree to 1.3e-16 relative; the parameters to 3.5e-11, all of it in qkv's
+// bias: its K third has a zero gradient in exact arithmetic (a key bias shifts every score of a
+// query equally, and softmax ignores that), so its gradient is rounding noise (~1e-17) that Adam
+// turns into steps of about lr * noise / eps ~ 1e-12 (3.5e-11 of the tensor's largest entry);
+// every other tensor agrees to better than 1e-12.
+TEST_CASE("3D training (tensor 2 x data 2 x pipeline 2) equals single-process training", "[gpt]") {
+  const gpt::model_config c = grid_model();
+  const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
+  gpt::train_options o;
+  o.model = c;
+  o.microbatches = 4;  // d * m
+  o.steps = 3;
+  o.adam.lr = 1e-2;
+  const run_result ref = run<double>(1, o, data);
+  REQUIRE(ref.losses.back() < ref.losses.front());
+
+  struct variant {
+    const char* schedule;
+    const char* partition;
+  };
+  for (const variant v : {variant{"1f1b", "naive"}, variant{"zb-h1", "naive"},
+                          variant{"interleaved", "naive"}, variant{"1f1b", "vocab-parallel"}}) {
+    gpt::train_options p = o;
+    p.schedule = v.schedule;
+    p.partition = v.partition;
+    p.tensor = 2;
+    p.data = 2;
+    p.pipeline = 2;
+    p.microbatches = 2;  // per replica
+    grid_result got = run_grid(8, p, data);
+    INFO(v.schedule << ", " << v.partition << " on tensor 2 x data 2 x pipeline 2");
+    CHECK(got.grid == pipit::tp::grid_shape{2, 2, 2});
+    REQUIRE(got.losses.size() == ref.losses.size());
+    for (std::size_t s = 0; s < ref.losses.size(); ++s)
+      CHECK(std::abs(got.losses[s] - ref.losses[s]) <= 1e-10 * ref.losses[s]);
+    const params whole = assemble(got);
+    REQUIRE(whole.size() == ref.trained.size());
+    for (const auto& [key, x] : ref.trained) REQUIRE(whole.at(key).size() == x.size());
+    CHECK(max_relative(whole, ref.trained) <= 1e-10);
+    int differ = -1;
+    const int compared = compare_replicas(got, differ);
+    CHECK(compared > 0);
+    CHECK(differ == 0);
+  }
+  // Sensitivity: training on replica 0's half of the batch only (what replicas that drew the
+  // same microbatches would train) ends far outside the tolerance.
+  gpt::train_options half = o;
+  half.microbatches = 2;
+  CHECK(max_relative(run<double>(1, half, data).trained, ref.trained) > 1e-6);
+}
+
+TEST_CASE("tensor and data parallelism each alone equal single-process training", "[gpt]") {
+  const gpt::model_config c = grid_model();
+  const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
+  gpt::train_options o;
+  o.model = c;
+  o.microbatches = 4;
+  o.steps = 2;
+  o.adam.lr = 1e-2;
+  const run_result ref = run<double>(1, o, data);
+  struct variant {
+    int tensor, data, pipeline, microbatches;
+    const char* schedule;
+  };
+  for (const variant v :
+       {variant{2, 1, 1, 4, "1f1b"}, variant{1, 4, 1, 1, "1f1b"}, variant{1, 2, 2, 2, "zb-h1"}}) {
+    gpt::train_options p = o;
+    p.tensor = v.tensor;
+    p.data = v.data;
+    p.pipeline = v.pipeline;
+    p.microbatches = v.microbatches;
+    p.schedule = v.schedule;
+    grid_result got = run_grid(v.tensor * v.data * v.pipeline, p, data);
+    INFO("tensor " << v.tensor << " x data " << v.data << " x pipeline " << v.pipeline);
+    for (std::size_t s = 0; s < ref.losses.size(); ++s)
+      CHECK(std::abs(got.losses[s] - ref.losses[s]) <= 1e-10 * ref.losses[s]);
+    CHECK(max_relative(assemble(got), ref.trained) <= 1e-10);
+    int differ = -1;
+    compare_replicas(got, differ);
+    CHECK(differ == 0);
+  }
+}
+
+TEST_CASE("the trainer refuses grids that do not fit", "[gpt]") {
+  const gpt::model_config c = grid_model();  // 2 heads, MLP width 64
+  const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
+  gpt::train_options o;
+  o.model = c;
+  o.steps = 1;
+  o.tensor = 2;
+  o.data = 2;
+  o.pipeline = 3;
+  CHECK_THROWS_WITH(run_grid(8, o, data),
+                    Catch::Contains("grid tensor 2 x data 2 x pipeline 3 does not fit 8 ranks") &&
+                        Catch::Contains("needs 12"));
+  o.pipeline = 0;  // the rest: 8 / 3 is not whole
+  o.data = 3;
+  o.tensor = 1;
+  CHECK_THROWS_WITH(run_grid(8, o, data), Catch::Contains("does not fit 8 ranks"));
+  o.tensor = 4;  // 2 heads do not split over 4 ranks
+  o.data = 1;
+  o.pipeline = 2;
+  CHECK_THROWS_WITH(
+      run_grid(8, o, data),
+      Catch::Contains("tensor parallelism over 4 ranks needs heads (2) divisible by 4"));
 }
 
 }  // namespace
