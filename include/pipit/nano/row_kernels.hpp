@@ -73,6 +73,31 @@ void rms_norm(matrix_view<const T> x, std::span<const T> gain, T eps, matrix_vie
   }
 }
 
+// y = (x - mean) / sqrt(var + eps) * gamma + beta, row by row (LayerNorm, Ba, Kiros and Hinton
+// 2016; the biased variance over the row, as GPT-2 and the example model compute it).
+template <class T>
+void layer_norm(matrix_view<const T> x, std::span<const T> gamma, std::span<const T> beta, T eps,
+                matrix_view<T> y) {
+  if (y.rows != x.rows || y.cols != x.cols || static_cast<std::int64_t>(gamma.size()) != x.cols ||
+      static_cast<std::int64_t>(beta.size()) != x.cols)
+    fail("pipit::nano::layer_norm: x ", x.rows, " x ", x.cols, ", gamma ", gamma.size(), ", beta ",
+         beta.size(), ", y ", y.rows, " x ", y.cols, " do not match");
+  const T n = static_cast<T>(x.cols);
+  for (std::int64_t i = 0; i < x.rows; ++i) {
+    const T* xi = x.row(i);
+    T sum = 0;
+    for (std::int64_t j = 0; j < x.cols; ++j) sum += xi[j];
+    const T mean = sum / n;
+    T ss = 0;
+    for (std::int64_t j = 0; j < x.cols; ++j) ss += (xi[j] - mean) * (xi[j] - mean);
+    const T inv = T(1) / std::sqrt(ss / n + eps);
+    T* yi = y.row(i);
+    for (std::int64_t j = 0; j < x.cols; ++j)
+      yi[j] = (xi[j] - mean) * inv * gamma[static_cast<std::size_t>(j)] +
+              beta[static_cast<std::size_t>(j)];
+  }
+}
+
 // GELU, tanh form (Hendrycks and Gimpel, arXiv 1606.08415), in place.
 template <class T>
 void gelu_in_place(matrix_view<T> x) {
