@@ -7,7 +7,10 @@
 // for a while before it computes (compute kernels longest, on the lowest-priority stream), so a
 // consumer that started before its producer would read NaN or a stale row and change the bits.
 // A control case enqueues the same nano-ops on the three streams with no events and checks that
-// the comparison then does fail, so the check can see a missing wait.
+// the comparison then does fail, so the check can see a missing wait. Consecutive runs without a
+// caller stream are checked the same way: run 2's fast compute nano-ops overwrite a buffer that
+// run 1's slow network nano-ops still read, and two independent runners (no ordering between
+// them) are the control.
 #include <catch2/catch.hpp>
 
 #include <cuda_runtime.h>
@@ -292,8 +295,9 @@ TEST_CASE("nano_stream_runner stream priorities", "[gpu][cuda][nano]") {
 }
 
 TEST_CASE("without the runner's events the comparison fails", "[gpu][cuda][nano]") {
-  // Control: the same nano-ops on three streams of the same priorities, no waits at all, the
-  // compute nano-ops spinning ~10 ms. Consumers on the other streams then read NaN.
+  // Control: the same nano-ops on the runner's three streams (one per kind, with its default
+  // priority), no waits at all, the compute nano-ops spinning ~10 ms. Consumers on the other
+  // streams then read NaN.
   const problem pb(2'500'000);
   const auto reference = sequential(pb);
   const nano::nano_program prog(pb.g, nano::nano_batch::uniform(pb.g, rows, 2));
@@ -304,4 +308,90 @@ TEST_CASE("without the runner's events the comparison fails", "[gpu][cuda][nano]
   for (const nano::nano_op& n : prog.ops()) pb(n.op, n.rows, runner.stream_of(n.kind));
   runner.synchronize();
   CHECK_FALSE(same_bits(pb.download(), reference));
+}
+
+namespace {
+
+// Two ops: `write` (compute, fast) fills the shared buffer `mid` from the run's input; `read`
+// (network, spinning first) reads `mid` into the run's own output. Both runs use the same `mid`,
+// so run 2's write must wait until run 1's read has finished.
+struct overwrite_problem {
+  nano::op_graph g;
+  device_array x{2 * rows * cols}, mid{rows * cols}, out{2 * rows * cols};
+  long long read_delay;
+  int run = 0;  // which run the next enqueue belongs to (read on the host while enqueueing)
+
+  explicit overwrite_problem(long long delay) : read_delay(delay) {
+    const int write = g.add("write", resource::compute);
+    g.add("read", resource::network, {write});
+    std::vector<double> hx(2 * rows * cols);
+    for (std::size_t i = 0; i < hx.size(); ++i) hx[i] = std::sin(0.29 * double(i)) + 0.5;
+    PIPIT_CUDA_CHECK(
+        cudaMemcpy(x.p, hx.data(), hx.size() * sizeof(double), cudaMemcpyHostToDevice));
+  }
+
+  void operator()(int op, nano::rows_range r, cudaStream_t s) const {
+    const std::int64_t n = r.size();
+    const unsigned blocks = static_cast<unsigned>((n * cols + 127) / 128);
+    const std::size_t at = std::size_t(run) * rows * cols;
+    if (op == 0)
+      row_op<<<blocks, 128, 0, s>>>(0, x.p + at, nullptr, nullptr, mid.p, r.begin, n, 0);
+    else
+      row_op<<<blocks, 128, 0, s>>>(2, mid.p, nullptr, nullptr, out.p + at, r.begin, n, read_delay);
+    PIPIT_CUDA_CHECK(cudaGetLastError());
+  }
+
+  void poison(cudaStream_t s) const {
+    PIPIT_CUDA_CHECK(cudaMemsetAsync(out.p, 0xff, 2 * rows * cols * sizeof(double), s));
+  }
+  std::vector<double> download() const {
+    std::vector<double> h(2 * rows * cols);
+    PIPIT_CUDA_CHECK(
+        cudaMemcpy(h.data(), out.p, h.size() * sizeof(double), cudaMemcpyDeviceToHost));
+    return h;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("nano_stream_runner orders consecutive runs without a caller stream",
+          "[gpu][cuda][nano]") {
+  overwrite_problem pb(5'000'000);  // the read spins a few ms before it reads `mid`
+  const nano::nano_program prog(pb.g, nano::nano_batch::uniform(pb.g, rows, 2));
+  // The reference: both runs, one after the other, on one stream.
+  std::vector<double> reference;
+  {
+    const pipit::cuda::stream s;
+    pb.poison(s);
+    for (pb.run = 0; pb.run < 2; ++pb.run) nano_stream_runner::run_sequential(prog, pb, s.get());
+    s.synchronize();
+    reference = pb.download();
+  }
+  for (double v : reference) REQUIRE(std::isfinite(v));
+  const pipit::cuda::stream host_ordered;
+  {
+    nano_stream_runner runner(prog);
+    pb.poison(host_ordered);
+    host_ordered.synchronize();  // the runner's streams do not wait for other streams
+    pb.run = 0;
+    runner.run(pb);
+    pb.run = 1;
+    runner.run(pb);  // enqueued while run 1's reads still spin
+    runner.synchronize();
+    CHECK(same_bits(pb.download(), reference));
+  }
+  {
+    // Control: run 2 on another runner, not ordered after the first: its write overwrites `mid`
+    // while run 1's reads spin, so run 1's output changes.
+    nano_stream_runner first(prog), second(prog);
+    pb.poison(host_ordered);
+    host_ordered.synchronize();
+    pb.run = 0;
+    first.run(pb);
+    pb.run = 1;
+    second.run(pb);
+    first.synchronize();
+    second.synchronize();
+    CHECK_FALSE(same_bits(pb.download(), reference));
+  }
 }

@@ -8,10 +8,12 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <exception>
 #include <map>
 #include <new>
 #include <optional>
 #include <set>
+#include <span>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -644,6 +646,52 @@ TEST_CASE("ranks with different plans are refused at start on every rank", "[run
   });
   CHECK_THAT(count, Catch::Contains("the plan has 2 ranks but the pipeline communicator has 3"));
   CHECK(raised4 == 3);
+}
+
+namespace {
+// A stage whose gradients() leaves out its last buffer when `fewer` is set: a replica whose
+// gradient buffers differ from the others'.
+struct fewer_gradients_stage : mlp_stage<double> {
+  using mlp_stage<double>::mlp_stage;
+  bool fewer = false;
+  std::span<const std::span<double>> gradients() {
+    const auto g = mlp_stage<double>::gradients();
+    return fewer && !g.empty() ? g.first(g.size() - 1) : g;
+  }
+};
+}  // namespace
+
+TEST_CASE("a data group's refusal reaches every rank of every replica", "[runtime][failure]") {
+  // 2 replicas x 2 pipeline ranks; replica 1's stage 1 has one gradient buffer fewer. Only the
+  // stage-1 data group sees it; stage 0 must be refused too, or it would wait in run() for the
+  // stage-1 ranks that threw. Every rank raises at construction, before any run().
+  const mlp_config cfg = model();
+  const ps::plan plan = ps::make_plan_by_name("1f1b", {2, 4});
+  threads::run(
+      4,
+      [&](threads& world) {
+        const int replica = world.rank() / 2, pr = world.rank() % 2;
+        threads pipe = world.split(replica, pr);
+        threads data = world.split(pr, replica);
+        fewer_gradients_stage st(cfg, plan, pr, replica);
+        st.fewer = replica == 1 && pr == 1;
+        std::exception_ptr err;
+        try {
+          rt::executor ex(pipe, data, st, plan);  // collective: outside the assertions' lock
+        } catch (...) {
+          err = std::current_exception();
+        }
+        PIPIT_TCHECK(err != nullptr);
+        if (err == nullptr) return;
+        PIPIT_TCHECK_THROWS_WITH(
+            std::rethrow_exception(err),
+            Catch::Contains("the data-parallel replicas differ from replica 0") &&
+                Catch::Contains("rank 1: other gradient buffers"));
+        if (pr == 0)
+          PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                                   Catch::Contains("rank 1 of this replica's 2 ranks was refused"));
+      },
+      {.timeout = std::chrono::milliseconds(20000)});
 }
 
 TEST_CASE("run() allocates nothing", "[runtime][allocation]") {

@@ -7,10 +7,12 @@
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <exception>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -415,18 +417,30 @@ void grid_sweep(const token_model_config& cfg) {
 
 // The grid's threads as the tests build them: world, then a process_grid, then the layers for
 // shard `shard` of `shard_count`.
+// shard `shard` of `shard_count`; `gradient_pad` > 0 gives the gradients a row stride of
+// hidden + gradient_pad (a strided view).
 struct grid_rank_layers {
   row_matrix<double> e, g;
   std::unique_ptr<rt::vocab_layers<v::one_barrier, double>> layers;
-  grid_rank_layers(const token_model_config& cfg, int shard_count, int shard) {
+  grid_rank_layers(const token_model_config& cfg, int shard_count, int shard,
+                   std::int64_t gradient_pad = 0) {
     const v::vocab_shards shards(cfg.vocab, shard_count);
     e = row_matrix<double>::Zero(shards.shard_size(), cfg.hidden);
-    g = e;
+    g = row_matrix<double>::Zero(shards.shard_size(), cfg.hidden + gradient_pad);
+    const v::matrix_view<double> gv{g.data(), g.rows(), cfg.hidden, g.cols()};
     layers = std::make_unique<rt::vocab_layers<v::one_barrier, double>>(
-        shards, shard, cfg.tokens, v::matrix_view<const double>{e.data(), e.rows(), e.cols()},
-        v::matrix_view<double>{g.data(), g.rows(), g.cols()},
-        v::matrix_view<const double>{e.data(), e.rows(), e.cols()},
-        v::matrix_view<double>{g.data(), g.rows(), g.cols()});
+        shards, shard, cfg.tokens, v::matrix_view<const double>{e.data(), e.rows(), e.cols()}, gv,
+        v::matrix_view<const double>{e.data(), e.rows(), e.cols()}, gv);
+  }
+};
+
+// token_mlp_stage whose gradients() leaves out its last buffer when `fewer` is set.
+struct fewer_gradients_stage : token_mlp_stage<double> {
+  using token_mlp_stage<double>::token_mlp_stage;
+  bool fewer = false;
+  std::span<const std::span<double>> gradients() {
+    const auto g = token_mlp_stage<double>::gradients();
+    return fewer && !g.empty() ? g.first(g.size() - 1) : g;
   }
 };
 
@@ -636,4 +650,98 @@ TEST_CASE("a stage without gradients runs on a grid with one data replica, and o
                              Catch::Contains("the data-parallel group has 2 ranks but the stage "
                                              "provides no `gradients()`"));
   });
+}
+
+// ---- refusals that must reach every rank of every replica --------------------------------------
+
+TEST_CASE("a data group's refusal reaches every rank of every replica and every tensor rank",
+          "[runtime][vocab][tensor][data_parallel]") {
+  // A (tensor 2, data 2, pipeline 2) grid; replica 1's stage 1, tensor rank 0, has one gradient
+  // buffer fewer. Only that data group sees it; the agreement over each replica's vocabulary
+  // group then refuses the other 6 ranks too (else they would wait in run()).
+  const auto cfg = base_config();
+  const ps::plan plan = ps::make_vocab_plan("1f1b", {2, 3, 1}, ps::vocab_passes::one_barrier);
+  threads::run(
+      8,
+      [&](threads& world) {
+        pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({2, 2, 2}));
+        const auto c = grid.coords();
+        fewer_gradients_stage stage(cfg, plan, c.pipeline);
+        stage.fewer = c.data == 1 && c.pipeline == 1 && c.tensor == 0;
+        grid_rank_layers l(cfg, grid.vocab().size(), grid.vocab().rank());
+        const auto err = construct(grid.groups(), stage, *l.layers, plan);
+        PIPIT_TCHECK(err != nullptr);
+        if (err == nullptr) return;
+        PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                                 Catch::Contains("the data-parallel replicas differ from replica "
+                                                 "0") &&
+                                     Catch::Contains("rank 1: other gradient buffers"));
+        if (c.pipeline != 1 || c.tensor != 0)
+          PIPIT_TCHECK_THROWS_WITH(std::rethrow_exception(err),
+                                   Catch::Contains("rank 2 of this replica's 4 ranks was refused"));
+      },
+      {.timeout = std::chrono::milliseconds(20000)});
+}
+
+TEST_CASE("a strided shard gradient is refused on every rank when it must be reduced",
+          "[runtime][vocab][data_parallel]") {
+  const auto cfg = base_config();
+  const ps::plan plan = ps::make_vocab_plan("1f1b", {2, 3, 1}, ps::vocab_passes::one_barrier);
+  // Without a data-parallel group a strided gradient is fine (nothing reduces it as one span).
+  threads::run(2, [&](threads& world) {
+    pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({1, 1, 2}));
+    token_mlp_stage<double> stage(cfg, plan, grid.coords().pipeline);
+    grid_rank_layers l(cfg, 2, grid.vocab().rank(), 3);
+    rt::executor ex(grid.groups(), stage, *l.layers, plan);
+    PIPIT_TCHECK(ex.step() == 0u);
+  });
+  // With one: 2 replicas x 2 pipeline ranks, replica 1's stage 1 holds strided gradients.
+  threads::run(4,
+               [&](threads& world) {
+                 pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({1, 2, 2}));
+                 const auto c = grid.coords();
+                 token_mlp_stage<double> stage(cfg, plan, c.pipeline);
+                 const bool strided = c.data == 1 && c.pipeline == 1;
+                 grid_rank_layers l(cfg, 2, grid.vocab().rank(), strided ? 3 : 0);
+                 const auto err = construct(grid.groups(), stage, *l.layers, plan);
+                 PIPIT_TCHECK(err != nullptr);
+                 if (err == nullptr) return;
+                 if (c.data == 1)
+                   PIPIT_TCHECK_THROWS_WITH(
+                       std::rethrow_exception(err),
+                       Catch::Contains("the embedding gradient must be contiguous to "
+                                       "be reduced over a data-parallel group"));
+                 else
+                   PIPIT_TCHECK_THROWS_WITH(
+                       std::rethrow_exception(err),
+                       Catch::Contains("the pipeline of data-parallel rank 1 could not start"));
+               },
+               {.timeout = std::chrono::milliseconds(20000)});
+}
+
+TEST_CASE("a data group whose members hold different vocabulary shards is refused",
+          "[runtime][vocab][tensor][data_parallel]") {
+  // A hand-built data group of the two tensor ranks of one stage (t = 2, d = 1): same plan,
+  // pipeline rank and gradient sizes, but shards 2 p and 2 p + 1; averaging them would be wrong.
+  const auto cfg = base_config();
+  const ps::plan plan = ps::make_vocab_plan("1f1b", {2, 3, 1}, ps::vocab_passes::one_barrier);
+  threads::run(
+      4,
+      [&](threads& world) {
+        pipit::tp::process_grid<threads> grid(world, pipit::tp::grid_layout({2, 1, 2}));
+        const auto c = grid.coords();
+        threads same_stage = world.split(c.pipeline, c.tensor);
+        token_mlp_stage<double> stage(cfg, plan, c.pipeline);
+        grid_rank_layers l(cfg, 4, grid.vocab().rank());
+        const auto err =
+            construct({&grid.pipeline(), &same_stage, &grid.vocab()}, stage, *l.layers, plan);
+        PIPIT_TCHECK(err != nullptr);
+        if (err == nullptr) return;
+        PIPIT_TCHECK_THROWS_WITH(
+            std::rethrow_exception(err),
+            Catch::Contains("the data-parallel replicas differ") &&
+                Catch::Contains("rank 1: vocabulary shard " + std::to_string(2 * c.pipeline + 1) +
+                                " (replica 0: " + std::to_string(2 * c.pipeline) + ")"));
+      },
+      {.timeout = std::chrono::milliseconds(20000)});
 }

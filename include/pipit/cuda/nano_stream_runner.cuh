@@ -14,6 +14,12 @@
 // the events are created there too, so a run allocates nothing. cudaStreamWaitEvent binds to the
 // record made before it, so the same events serve every run.
 //
+// Dependencies. The plan orders what the op_graph states: a consumer after the rows it reads
+// (read after write). Within one run it does not order a write after a read across kinds: a
+// nano-op that overwrites a buffer another kind's earlier nano-op still reads, with no
+// dependency edge between them, may run first. Avoiding that (a separate buffer, or an edge) is
+// the caller's; between runs the runner orders everything (below).
+//
 // Between runs. A run starts after the previous run's work on every stream (each stream waits for
 // the other streams' last events of the previous run): the nano-ops of consecutive runs typically
 // reuse buffers, and a compute nano-op of run 2 must not overwrite what a network nano-op of run 1
@@ -28,11 +34,15 @@
 // dependencies and no per-op launch cost on the host. The graph is ordered after the work on the
 // stream it is launched on and nothing else: to mix it with eager runs, give those runs the same
 // caller stream. fn must not call CUDA functions that are illegal while capturing (synchronous
-// allocation, synchronisation).
+// allocation, synchronisation). The graph is instantiated with
+// cudaGraphInstantiateFlagUseNodePriority: each kernel node keeps the priority of the stream it
+// was captured from (capture copies it into the node), so a replay keeps the per-kind
+// priorities instead of taking the launch stream's; other nodes (copies, memsets) have none.
 //
 // Errors are pipit::error (CUDA failures via PIPIT_CUDA_CHECK, bad priorities naming the value and
-// the device's range). If fn throws, the streams are still joined (and a capture ended) before
-// the exception propagates; the work already enqueued stays enqueued.
+// the device's range). If fn throws, or a fork or wait fails, the streams already forked are
+// still joined (and a capture ended) before the exception propagates; the work already enqueued
+// stays enqueued.
 
 #include <cuda_runtime.h>
 
@@ -136,7 +146,8 @@ class nano_stream_runner {
     }
     PIPIT_CUDA_CHECK(cudaStreamEndCapture(origin.get(), &graph));
     cudaGraphExec_t exec = nullptr;
-    const cudaError_t st = cudaGraphInstantiate(&exec, graph, 0);
+    const cudaError_t st =
+        cudaGraphInstantiate(&exec, graph, cudaGraphInstantiateFlagUseNodePriority);
     (void)cudaGraphDestroy(graph);
     PIPIT_CUDA_CHECK(st);
     return nano_graph(exec);
@@ -182,16 +193,25 @@ class nano_stream_runner {
 
   template <class Fn>
   void enqueue(Fn& fn, bool join, cudaStream_t origin, event_set& ev, bool after_previous) {
-    if (join) {
-      ev.fork.record(origin);
-      for (int k = 0; k < kinds; ++k)
-        if (used(k)) ev.fork.wait_on(s(k));
-    }
-    if (after_previous && ran_)
-      for (int k = 0; k < kinds; ++k)
-        for (int m = 0; m < kinds; ++m)
-          if (m != k && used(k) && used(m)) ev.last[static_cast<std::size_t>(m)].wait_on(s(k));
+    // The streams that are part of this run: all used ones without a fork; with one, those whose
+    // wait on the fork event succeeded. Only these are joined on failure: while capturing, a
+    // stream that never waited on the fork is not in the capture, and joining it would be an
+    // error of its own; one that waited must be joined or the capture cannot end.
+    std::array<bool, kinds> in_run{};
+    for (int k = 0; k < kinds; ++k) in_run[static_cast<std::size_t>(k)] = !join && used(k);
     try {
+      if (join) {
+        ev.fork.record(origin);
+        for (int k = 0; k < kinds; ++k)
+          if (used(k)) {
+            ev.fork.wait_on(s(k));
+            in_run[static_cast<std::size_t>(k)] = true;
+          }
+      }
+      if (after_previous && ran_)
+        for (int k = 0; k < kinds; ++k)
+          for (int m = 0; m < kinds; ++m)
+            if (m != k && used(k) && used(m)) ev.last[static_cast<std::size_t>(m)].wait_on(s(k));
       for (int i = 0; i < program_.size(); ++i) {
         const nano::nano_op& n = program_[i];
         const cudaStream_t on = s(static_cast<int>(n.kind));
@@ -203,7 +223,7 @@ class nano_stream_runner {
       // Join anyway, without throwing over the first error, so that the next run (or the end of
       // the capture) still finds every stream joined.
       for (int k = 0; k < kinds; ++k)
-        if (used(k)) {
+        if (in_run[static_cast<std::size_t>(k)]) {
           const cudaEvent_t e = ev.last[static_cast<std::size_t>(k)].get();
           if (cudaEventRecord(e, s(k)) == cudaSuccess && join)
             (void)cudaStreamWaitEvent(origin, e, 0);

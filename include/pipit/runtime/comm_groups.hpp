@@ -14,7 +14,9 @@
 //   pipit::tp::process_grid grid(world, pipit::tp::grid_layout({.tensor = 2, .pipeline = 4}));
 //   pipit::runtime::executor ex(grid.groups(), stage, vocab, plan);
 //
-// The pointers are not owned; the communicators must outlive the executor.
+// The pointers are not owned; the communicators must outlive the executor. The groups must be
+// consistent on every rank (each rank's groups the same partition of the world): the executor
+// checks only what each member reports (ranks, sizes, shards, plans), not the membership.
 
 #include "pipit/comm/communicator.hpp"
 

@@ -14,10 +14,12 @@
 // Construction is collective over the pipeline group (and the data-parallel group): every rank
 // lowers and validates the plan, compiles its share (program.hpp) into an instruction list over
 // one preallocated arena, and takes part in the start-up agreement (handshake.hpp); any rank's
-// problem is raised as pipit::error on every rank. run() then makes no heap allocation of its
-// own, no virtual call and no std::function call: a switch over precompiled instructions, direct
-// calls into the stage, and prebuilt point-to-point groups (the communicator may allocate
-// inside exchange(); comm::threads copies each message).
+// problem is raised as pipit::error on every rank. With a data-parallel group the agreement ends
+// with one more round over the replica (its vocabulary group, else its pipeline group), so that a
+// refusal inside one data group reaches every rank of every replica. run() then makes no heap
+// allocation of its own, no virtual call and no std::function call: a switch over precompiled
+// instructions, direct calls into the stage, and prebuilt point-to-point groups (the communicator
+// may allocate inside exchange(); comm::threads copies each message).
 //
 // Failure: an exception from the stage leaves run() on that rank; the communicator's collective
 // failure (threads: every pending and later operation on every rank raises pipit::error naming
@@ -39,8 +41,11 @@
 // tensor ranks of a replica: executor(groups, stage, vocab_layers, plan) runs the vocabulary
 // collectives over groups.vocab, whose p * t ranks are ordered pipeline * t + tensor and whose
 // t tensor ranks per stage run the same program in lockstep (vocab_layers.hpp). Construction
-// is then collective over the pipeline, the vocabulary and the data-parallel groups, in that
-// order, on every rank of the vocabulary group together.
+// is then collective over the pipeline, the vocabulary and the data-parallel groups, then the
+// vocabulary group once more, in that order, on every rank of the vocabulary group together.
+// Without vocabulary layers the executor does not know the tensor ranks: a refusal reaches the
+// pipeline and data groups, and the tensor ranks of other pipelines learn of it through the
+// communicator's failure handling.
 //
 // Data parallelism: after the last pass of a step, each span of stage.gradients() is summed over
 // the data-parallel group (comm.all_reduce with std::plus) and, by default, divided by the
@@ -301,7 +306,9 @@ class executor {
       for (const auto g : vocab_->gradients()) reduce_one(g);
   }
 
-  // Every rank's vocabulary layers must describe the same vocabulary, tokens and hidden size.
+  // Every rank's vocabulary layers must describe rank 0's vocabulary, tokens and hidden size,
+  // and hold the shard of their pipeline rank. Each rank compares with rank 0's record, so the
+  // message is the same on every rank.
   std::string agree_on_vocab() {
     const std::array<double, 5> mine{
         static_cast<double>(vocab_->shards().vocab_size()),
@@ -309,14 +316,15 @@ class executor {
         static_cast<double>(vocab_->hidden()), static_cast<double>(vocab_->rank())};
     std::vector<double> all(5 * static_cast<std::size_t>(comm_->size()));
     comm_->all_gather(std::span<const double>(mine), std::span<double>(all));
+    const double* z = all.data();
     for (int r = 0; r < comm_->size(); ++r) {
       const double* o = all.data() + 5 * static_cast<std::size_t>(r);
-      if (o[0] != mine[0] || o[1] != mine[1] || o[2] != mine[2] || o[3] != mine[3] || o[4] != r)
+      if (o[0] != z[0] || o[1] != z[1] || o[2] != z[2] || o[3] != z[3] || o[4] != r)
         return detail::concat(
             "pipit::runtime: the vocabulary layers disagree (refused at start, every rank): rank ",
             r, " has vocabulary ", o[0], " padded to ", o[1], ", ", o[2], " tokens, hidden ", o[3],
-            " as shard ", o[4], "; rank ", comm_->rank(), " has vocabulary ", mine[0],
-            " padded to ", mine[1], ", ", mine[2], " tokens, hidden ", mine[3]);
+            " as shard ", o[4], "; rank 0 has vocabulary ", z[0], " padded to ", z[1], ", ", z[2],
+            " tokens, hidden ", z[3]);
     }
     return {};
   }
@@ -342,7 +350,7 @@ class executor {
     mine[8] = static_cast<double>(hash >> 32);
     mine[9] = static_cast<double>(hash & 0xffffffffULL);
     const std::size_t len = std::min(verdict.size(), chars);
-    mine[10] = static_cast<double>(len);
+    mine[10] = static_cast<double>(verdict.size());  // the full length: "..." only when cut
     for (std::size_t i = 0; i < len; ++i) mine[head + i] = static_cast<unsigned char>(verdict[i]);
     vc.all_gather(std::span<const double>(mine), std::span<double>(all));
     const auto at = [&](int r) { return all.data() + fields * static_cast<std::size_t>(r); };
@@ -352,10 +360,8 @@ class executor {
       if (at(r)[0] == 0.0) refused.push_back(r);
     if (!refused.empty()) {
       const double* o = at(refused.front());
-      std::string text;
-      for (std::size_t i = 0; i < static_cast<std::size_t>(o[10]); ++i)
-        text += static_cast<char>(static_cast<int>(o[head + i]));
-      if (static_cast<std::size_t>(o[10]) == chars) text += "...";
+      const std::string text =
+          detail_handshake::message_text(o + head, static_cast<std::size_t>(o[10]), chars);
       std::string who;
       for (std::size_t i = 0; i < refused.size(); ++i)
         who += detail::concat(i ? ", " : "", refused[i]);
@@ -363,32 +369,37 @@ class executor {
                             " of ", n, " refused; vocabulary rank ", refused.front(),
                             ", pipeline rank ", o[6], "): ", text);
     }
-    // Every member passed its local checks, so n is a multiple of each member's pipeline size;
-    // the members must also agree on that size, on the order, and on everything else.
-    const int t = n / pn;
+    // Every member passed its local checks, so n is a multiple of each member's pipeline size.
+    // Each member compares with vocabulary rank 0's record (the same data everywhere), so the
+    // message is the same on every member: the members must agree with it on the vocabulary,
+    // on the pipeline size and order, and on the plan.
+    const double* z = at(0);
+    const int t = n / static_cast<int>(z[7]);
     for (int r = 0; r < n; ++r) {
       const double* o = at(r);
-      if (o[1] != mine[1] || o[2] != mine[2] || o[3] != mine[3] || o[4] != mine[4] || o[5] != r)
+      if (o[1] != z[1] || o[2] != z[2] || o[3] != z[3] || o[4] != z[4] || o[5] != r)
         return detail::concat(
             "pipit::runtime: the vocabulary layers disagree (refused at start, every rank): "
             "vocabulary rank ",
             r, " has vocabulary ", o[1], " padded to ", o[2], ", ", o[3], " tokens, hidden ", o[4],
-            " as shard ", o[5], "; vocabulary rank ", vc.rank(), " has vocabulary ", mine[1],
-            " padded to ", mine[2], ", ", mine[3], " tokens, hidden ", mine[4]);
-      if (o[7] != pn || o[6] != r / t)
+            " as shard ", o[5], "; vocabulary rank 0 has vocabulary ", z[1], " padded to ", z[2],
+            ", ", z[3], " tokens, hidden ", z[4]);
+      if (o[7] != z[7] || o[6] != r / t)
         return detail::concat(
             "pipit::runtime: the vocabulary group's order is not pipeline * t + tensor (refused "
             "at start, every rank): vocabulary rank ",
             r, " is pipeline rank ", o[6], " of ", o[7], ", expected pipeline rank ", r / t, " of ",
-            pn, " (t = ", t, " tensor ranks per pipeline rank)");
-      if (o[8] != mine[8] || o[9] != mine[9])
+            z[7], " (t = ", t, " tensor ranks per pipeline rank)");
+      if (o[8] != z[8] || o[9] != z[9])
         return detail::concat(
             "pipit::runtime: the tensor replicas run different plans (refused at start, every "
             "rank): vocabulary rank ",
             r, " has plan hash ",
             detail_handshake::hex((static_cast<std::uint64_t>(o[8]) << 32) |
                                   static_cast<std::uint64_t>(o[9])),
-            ", vocabulary rank ", vc.rank(), " has ", detail_handshake::hex(hash));
+            ", vocabulary rank 0 has ",
+            detail_handshake::hex((static_cast<std::uint64_t>(z[8]) << 32) |
+                                  static_cast<std::uint64_t>(z[9])));
     }
     return {};
   }
@@ -424,6 +435,7 @@ class executor {
     std::string problem;
     schedule::plan lowered;
     std::vector<chunk_sizes> sizes;
+    std::vector<std::size_t> grad_sizes;  // for the data-parallel agreement
     try {
       if constexpr (!stage_has_gradients<Stage>)
         if (dp_ != nullptr)
@@ -503,6 +515,14 @@ class executor {
                  " but the stage has no load_input() to fill it");
         }
       }
+      // Inside the try: gradients() may throw (vocab_layers refuses a strided gradient view,
+      // which the reduction could not treat as one span), and that must reach every rank.
+      if (dp_ != nullptr) {
+        if constexpr (stage_has_gradients<Stage>)
+          for (auto&& g : stage_->gradients()) grad_sizes.push_back(std::span<T>(g).size());
+        if constexpr (has_vocab)
+          for (const auto g : vocab_->gradients()) grad_sizes.push_back(g.size());
+      }
       program_ = compile(lowered, rank, sizes, options_.rematerialize);
       if constexpr (has_vocab)
         vocab_->prepare(lowered.shp.microbatches, std::max(program_.vocab_slots, 1),
@@ -522,15 +542,16 @@ class executor {
         verdict = agree_on_vocab();
     }
     if (dp_ != nullptr) {
-      std::vector<std::size_t> grad_sizes;
-      if constexpr (stage_has_gradients<Stage>)
-        for (auto&& g : stage_->gradients()) grad_sizes.push_back(std::span<T>(g).size());
-      if constexpr (has_vocab)
-        if (verdict.empty())
-          for (const auto g : vocab_->gradients()) grad_sizes.push_back(g.size());
+      // The members of a data group must hold the same shard: a group of the tensor ranks of
+      // one stage agrees on everything else and would average different shards.
+      int shard = -1;
+      if constexpr (has_vocab) shard = vocab_->rank();
       std::string dp_verdict =
-          agree_data_parallel(*dp_, verdict.empty(), hash, rank, sizeof(T), grad_sizes);
+          agree_data_parallel(*dp_, verdict.empty(), hash, rank, sizeof(T), grad_sizes, shard);
       if (verdict.empty()) verdict = std::move(dp_verdict);
+      // The data verdict reached one data group only; the replica's other ranks must hear it
+      // too, or they would wait in run() for the ranks that threw.
+      verdict = agree_replica(vocab_group ? *vocab_comm_ : *comm_, verdict);
     }
     if (!verdict.empty()) throw error(verdict);
 

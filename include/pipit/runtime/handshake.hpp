@@ -7,11 +7,13 @@
 // pipit::error on every rank, at start, instead of a hang or a corrupted message later.
 //
 // The functions here return the verdict ("" when all agree) instead of throwing, so that the
-// executor can finish every collective of the agreement (pipeline group, then data-parallel
-// group) before any rank throws: no rank is left waiting in a collective its peers have left.
+// executor can finish every collective of the agreement (pipeline group, vocabulary group,
+// data-parallel group, then once more the replica) before any rank throws: no rank is left
+// waiting in a collective its peers have left.
 // Everything travels as doubles (integers below 2^53, one character per element), the one
 // element type the communicator concept guarantees.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -76,6 +78,16 @@ inline std::string hex(std::uint64_t x) {
   return s;
 }
 
+// A message that travelled as one double per character: `full` is its length before it was cut
+// to at most `kept` characters; "..." marks a cut message.
+inline std::string message_text(const double* chars, std::size_t full, std::size_t kept) {
+  std::string text;
+  const std::size_t n = std::min(full, kept);
+  for (std::size_t i = 0; i < n; ++i) text += static_cast<char>(static_cast<int>(chars[i]));
+  if (full > kept) text += "...";
+  return text;
+}
+
 inline std::string ranks_text(const std::vector<int>& ranks) {
   std::string s = ranks.size() == 1 ? "rank " : "ranks ";
   for (std::size_t i = 0; i < ranks.size(); ++i) s += detail::concat(i ? ", " : "", ranks[i]);
@@ -101,8 +113,9 @@ std::string agree_to_start(Comm& comm, const start_view& mine) {
   rec[6] = mine.shp.chunks;
   rec[7] = mine.plan_ranks;
   rec[8] = static_cast<double>(mine.element_size);
+  // The full length travels, so that "..." marks only a message that was cut.
   const std::size_t len = std::min(mine.problem.size(), message_chars);
-  rec[9] = static_cast<double>(len);
+  rec[9] = static_cast<double>(mine.problem.size());
   for (std::size_t i = 0; i < len; ++i)
     rec[header + i] = static_cast<unsigned char>(mine.problem[i]);
   comm.all_gather(std::span<const double>(rec), std::span<double>(all));
@@ -115,11 +128,9 @@ std::string agree_to_start(Comm& comm, const start_view& mine) {
   for (int r = 0; r < n; ++r) {
     if (field(r, 1) != 0.0) continue;
     refused.push_back(r);
-    std::string text;
-    for (std::size_t i = 0; i < static_cast<std::size_t>(field(r, 9)); ++i)
-      text += static_cast<char>(static_cast<int>(field(r, header + i)));
-    if (static_cast<std::size_t>(field(r, 9)) == message_chars) text += "...";
-    why += detail::concat("; rank ", r, ": ", text);
+    why += detail::concat("; rank ", r, ": ",
+                          message_text(&all[static_cast<std::size_t>(r) * record + header],
+                                       static_cast<std::size_t>(field(r, 9)), message_chars));
   }
   if (!refused.empty())
     return detail::concat("pipit::runtime: the pipeline cannot start: ", ranks_text(refused),
@@ -180,18 +191,21 @@ std::string agree_on_sizes(Comm& comm, const schedule::plan& p, std::span<const 
 }
 
 // Collective over the data-parallel group: every replica must have started its pipeline (each
-// tells whether its pipeline group agreed), run the same plan at the same pipeline rank, and
-// expose gradient buffers of the same sizes. Returns "" or the message.
+// tells whether its pipeline group agreed), run the same plan at the same pipeline rank, hold the
+// same vocabulary shard (`shard`: the vocabulary layers' rank, -1 without them; a data group
+// that spans the tensor ranks of one stage would otherwise average different shards), and
+// expose gradient buffers of the same sizes. Every member compares with member 0, so the verdict
+// is the same on every member. Returns "" or the message.
 template <class Comm>
 std::string agree_data_parallel(Comm& dp, bool pipeline_ok, std::uint64_t plan_hash,
                                 int pipeline_rank, std::size_t element_size,
-                                std::span<const std::size_t> gradient_sizes) {
+                                std::span<const std::size_t> gradient_sizes, int shard = -1) {
   std::uint64_t sizes_hash = 0xcbf29ce484222325ULL;
   for (const std::size_t z : gradient_sizes) {
     sizes_hash ^= z;
     sizes_hash *= 0x100000001b3ULL;
   }
-  constexpr std::size_t fields = 8;
+  constexpr std::size_t fields = 9;
   const int n = dp.size();
   std::vector<double> rec(fields, 0.0), all(fields * static_cast<std::size_t>(n), 0.0);
   rec[0] = pipeline_ok ? 1.0 : 0.0;
@@ -202,27 +216,63 @@ std::string agree_data_parallel(Comm& dp, bool pipeline_ok, std::uint64_t plan_h
   rec[5] = static_cast<double>(gradient_sizes.size());
   rec[6] = static_cast<double>(sizes_hash >> 32);
   rec[7] = static_cast<double>(sizes_hash & 0xffffffffULL);
+  rec[8] = shard;
   dp.all_gather(std::span<const double>(rec), std::span<double>(all));
   const auto field = [&](int r, std::size_t f) {
     return all[static_cast<std::size_t>(r) * fields + f];
   };
-  std::vector<int> failed, differ;
+  std::vector<int> failed;
+  std::string why;
   for (int r = 0; r < n; ++r) {
     if (field(r, 0) == 0.0) failed.push_back(r);
-    for (std::size_t f = 1; f < fields; ++f)
-      if (field(r, f) != field(0, f)) {
-        differ.push_back(r);
-        break;
-      }
+    std::string d;
+    const auto add = [&d](const std::string& s) { d += (d.empty() ? "" : ", ") + s; };
+    if (field(r, 1) != field(0, 1) || field(r, 2) != field(0, 2)) add("another plan");
+    if (field(r, 3) != field(0, 3))
+      add(detail::concat("pipeline rank ", field(r, 3), " (replica 0: ", field(0, 3), ")"));
+    if (field(r, 8) != field(0, 8))
+      add(detail::concat("vocabulary shard ", field(r, 8), " (replica 0: ", field(0, 8), ")"));
+    if (field(r, 4) != field(0, 4))
+      add(detail::concat(field(r, 4), "-byte elements (replica 0: ", field(0, 4), ")"));
+    if (field(r, 5) != field(0, 5) || field(r, 6) != field(0, 6) || field(r, 7) != field(0, 7))
+      add(detail::concat("other gradient buffers (", field(r, 5),
+                         " buffers; replica 0: ", field(0, 5), ")"));
+    if (!d.empty()) why += detail::concat("; rank ", r, ": ", d);
   }
   if (!failed.empty())
     return detail::concat("pipit::runtime: the pipeline of data-parallel ",
                           detail_handshake::ranks_text(failed), " could not start");
-  if (!differ.empty())
-    return detail::concat(
-        "pipit::runtime: the data-parallel replicas differ from replica 0 (plan, pipeline rank, "
-        "element size or gradient buffers): ",
-        detail_handshake::ranks_text(differ));
+  if (!why.empty())
+    return "pipit::runtime: the data-parallel replicas differ from replica 0 (refused at start)" +
+           why;
+  return {};
+}
+
+// Collective over one replica's ranks (those that run one pipeline together: its vocabulary
+// group, else its pipeline group), after the data-parallel agreement: that agreement's verdict
+// reaches only the members of one data group, so a replica whose stage 1 was refused would leave
+// its stage 0 waiting in the first step's transfers. Each member tells whether it was refused
+// (with its message); a member that was not, but whose replica holds one that was, gets that
+// member's message. The refusal then reaches every replica too: each data group has a member in
+// each. Returns `verdict` when it is not empty, else "" or the message.
+template <class Comm>
+std::string agree_replica(Comm& replica, const std::string& verdict) {
+  constexpr std::size_t head = 2, chars = 480, fields = head + chars;
+  const int n = replica.size();
+  std::vector<double> rec(fields, 0.0), all(fields * static_cast<std::size_t>(n), 0.0);
+  rec[0] = verdict.empty() ? 1.0 : 0.0;
+  rec[1] = static_cast<double>(verdict.size());
+  for (std::size_t i = 0; i < std::min(verdict.size(), chars); ++i)
+    rec[head + i] = static_cast<unsigned char>(verdict[i]);
+  replica.all_gather(std::span<const double>(rec), std::span<double>(all));
+  if (!verdict.empty()) return verdict;
+  for (int r = 0; r < n; ++r) {
+    const double* o = all.data() + fields * static_cast<std::size_t>(r);
+    if (o[0] == 0.0)
+      return detail::concat(
+          "pipit::runtime: rank ", r, " of this replica's ", n, " ranks was refused at start: ",
+          detail_handshake::message_text(o + head, static_cast<std::size_t>(o[1]), chars));
+  }
   return {};
 }
 
