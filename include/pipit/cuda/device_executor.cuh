@@ -559,9 +559,14 @@ class device_executor {
       if (verdict.empty()) verdict = agree_on_vocab(host);
     if (dp_ != nullptr) {
       detail_device_executor::nccl_host_gather dp_host(*dp_);
-      std::string dp_verdict =
-          runtime::agree_data_parallel(dp_host, verdict.empty(), hash, rank, sizeof(T), grad_sizes);
+      int shard = -1;  // members of a data group must hold the same vocabulary shard
+      if constexpr (has_vocab) shard = vocab_->rank();
+      std::string dp_verdict = runtime::agree_data_parallel(dp_host, verdict.empty(), hash, rank,
+                                                            sizeof(T), grad_sizes, shard);
       if (verdict.empty()) verdict = std::move(dp_verdict);
+      // The data verdict reached one data group only; the pipeline's other ranks must hear it
+      // too, or they would wait in run() for the ranks that threw (runtime::agree_replica).
+      verdict = runtime::agree_replica(host, verdict);
     }
     if (!verdict.empty()) {
       destroy_events();  // the destructor does not run when the constructor throws
