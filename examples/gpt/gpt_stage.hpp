@@ -26,6 +26,18 @@
 // norm, LM head) is replicated: each rank of the group computes it on the same values, so its
 // gradients, and after the optimizer its values, stay bit-identical without communication.
 //
+// Scatter/gather between stages (Narayanan et al., arXiv 2104.04473, section 4.1): the t tensor
+// ranks of a stage hold the same activation at a chunk boundary, so with
+// stage_options::scatter_gather (and t > 1) a boundary between two transformer chunks carries
+// only tensor rank r's slice (pipit::tp::slice_of: the r-th of t near-equal parts) to its peer,
+// and the receiving chunk rebuilds the whole with an all-gather over its tensor group
+// (tensor_group::all_gather). Both directions: the forward sends its output's slice and gathers
+// its input into `saved` (which a re-materialized forward fills again, every tensor rank in
+// lockstep); the backward gathers its output gradient and sends its input gradient's slice.
+// input_size / output_size of such a boundary are the slice's size, so the executor moves n / t
+// elements instead of n. The vocabulary-parallel layers' input and output stay whole. Only data
+// moves: the passes compute exactly what they compute without it.
+//
 // Data parallelism: replica r's microbatch j is the data source's microbatch r * m + j of the
 // step (m = stage_options::microbatches), so d replicas of m microbatches draw exactly what one
 // replica of d * m microbatches draws.
@@ -48,6 +60,8 @@
 #include "matrix.hpp"
 #include "pipit/partition/partition.hpp"
 #include "pipit/runtime/pass_info.hpp"
+#include "pipit/tp/ring_collective.hpp"
+#include "pipit/tp/stage_scatter_gather.hpp"
 #include "tensor_group.hpp"
 
 namespace gpt {
@@ -56,6 +70,7 @@ struct stage_options {
   int microbatches = 1;         // per step and replica: the loss is the mean over them
   std::uint64_t data_seed = 1;  // which microbatches the data source draws
   int replica = 0;  // data-parallel replica: draws the step's microbatches [r m, (r + 1) m)
+  bool scatter_gather = true;  // slices between transformer chunks (only with t > 1)
 };
 
 template <class T>
@@ -71,7 +86,9 @@ class gpt_stage {
         opt_(opt),
         vocab_parallel_(part.vocab_parallel),
         tensor_size_(tp.size),
-        tensor_rank_(tp.rank) {
+        tensor_rank_(tp.rank),
+        scatter_gather_(opt.scatter_gather && tp.size > 1),
+        tp_(tp) {
     check_tensor_parallel(cfg, tp.size);
     check_tensor_split(tp.size, tp.rank);
     pipit::partition::check(part);
@@ -87,6 +104,9 @@ class gpt_stage {
       pipit::fail("gpt::gpt_stage: replica must be >= 0 (got ", opt.replica, ")");
     if (rank < 0 || rank >= part.pipe.ranks)
       pipit::fail("gpt::gpt_stage: rank ", rank, " is outside [0, ", part.pipe.ranks, ")");
+    if (scatter_gather_ && !tp.gather)
+      pipit::fail("gpt::gpt_stage: scatter/gather over a tensor group of ", tp.size,
+                  " ranks needs its all-gather (tensor_group::gather)");
     const std::size_t dn = hidden_tokens(), n = static_cast<std::size_t>(cfg.tokens());
     const int last_stage = part.virtual_stages() - 1;
     for (const int s : part.stages_of(rank)) {
@@ -97,6 +117,10 @@ class gpt_stage {
       ch.last = s == last_stage;
       ch.embedding = st.embedding;
       ch.head = st.output;
+      // Slices only between two transformer chunks: the embedding's output and the last stage's
+      // (the LM head's or the vocabulary layers' input) stay whole.
+      ch.sliced_in = scatter_gather_ && !ch.first;
+      ch.sliced_out = scatter_gather_ && !ch.last;
       ch.first_block = static_cast<int>(blocks_.size());
       ch.blocks = st.layers;
       for (int l = st.first_layer; l < st.first_layer + st.layers; ++l) {
@@ -110,6 +134,7 @@ class gpt_stage {
         return o;
       };
       if (ch.first) ch.x0 = take(dn);
+      if (ch.sliced_in) ch.x_in = take(dn);  // the gathered input
       for (int k = 0; k < ch.blocks; ++k) ch.out.push_back(take(dn));
       for (int k = 0; k <= ch.blocks; ++k) ch.grad.push_back(take(dn));
       for (int k = 0; k < ch.blocks; ++k)
@@ -135,11 +160,13 @@ class gpt_stage {
   // ---- the pipit::runtime stage -------------------------------------------------------------
   std::size_t input_size(int c) const {
     const chunk& ch = chunks_[cu(c)];
-    return ch.first && ch.embedding ? 0 : hidden_tokens();
+    if (ch.first && ch.embedding) return 0;
+    return ch.sliced_in ? slice_size() : hidden_tokens();
   }
   std::size_t output_size(int c) const {
     const chunk& ch = chunks_[cu(c)];
-    return ch.last && ch.head ? 0 : hidden_tokens();
+    if (ch.last && ch.head) return 0;
+    return ch.sliced_out ? slice_size() : hidden_tokens();
   }
   std::size_t activation_size(int c) const { return chunks_[cu(c)].size; }
 
@@ -159,6 +186,8 @@ class gpt_stage {
       }
       positions_->add(x0);
       cur = x0.data();
+    } else if (ch.sliced_in) {
+      cur = gather_into(saved.subspan(ch.x_in, hidden_tokens()), in);
     }
     for (int k = 0; k < ch.blocks; ++k) {
       map<T> y = view(saved, ch.out[cu(k)], d, n);
@@ -173,6 +202,9 @@ class gpt_stage {
     } else if (ch.last) {
       final_norm_->forward(cmap<T>(cur, d, n), map<T>(out.data(), d, n), view(saved, ch.tail, d, n),
                            view(saved, ch.tail + hidden_tokens(), 1, n));
+    } else if (ch.sliced_out) {
+      const auto mine = my_slice(std::span<const T>(cur, hidden_tokens()));
+      std::copy(mine.begin(), mine.end(), out.begin());
     } else if (cur != out.data()) {
       std::copy_n(cur, hidden_tokens(), out.data());
     }
@@ -187,8 +219,7 @@ class gpt_stage {
     for (int k = ch.blocks - 1; k >= 0; --k)
       block_of(ch, k).backward_input(grad_at(ch, k + 1, std::span<const T>(saved)),
                                      block_saved(ch, k, saved), grad_at(ch, k, saved));
-    if (!input_grad.empty())
-      std::copy_n(saved.data() + ch.grad[0], hidden_tokens(), input_grad.data());
+    send_input_grad(ch, saved, input_grad);
   }
 
   void backward_weight(const pipit::runtime::pass_info& i, std::span<const T> in,
@@ -222,8 +253,7 @@ class gpt_stage {
       b.backward_weight(grad_at(ch, k + 1, csaved), block_saved(ch, k, csaved));
     }
     if (ch.first) embedding_weight(i, ch, csaved);
-    if (!input_grad.empty())
-      std::copy_n(saved.data() + ch.grad[0], hidden_tokens(), input_grad.data());
+    send_input_grad(ch, saved, input_grad);
   }
 
   // Every gradient buffer (the data-parallel all-reduce).
@@ -244,6 +274,8 @@ class gpt_stage {
   bool vocab_parallel() const noexcept { return vocab_parallel_; }
   int tensor_size() const noexcept { return tensor_size_; }
   int tensor_rank() const noexcept { return tensor_rank_; }
+  // Whether chunk boundaries between transformer chunks carry slices (scatter/gather is on).
+  bool scatter_gather() const noexcept { return scatter_gather_; }
   std::size_t parameter_count() const {
     std::size_t k = 0;
     for (const auto& p : params_) k += p.value.size();
@@ -265,7 +297,9 @@ class gpt_stage {
   struct chunk {
     int stage = 0, first_block = 0, blocks = 0;
     bool first = false, last = false, embedding = false, head = false;
-    std::size_t x0 = 0, tail = 0, size = 0;           // tail: the head's or the final norm's values
+    bool sliced_in = false, sliced_out = false;  // scatter/gather at the input / output boundary
+    std::size_t x0 = 0, x_in = 0;    // offsets in `saved`: embedding output, gathered input
+    std::size_t tail = 0, size = 0;  // tail: the head's or the final norm's values
     std::vector<std::size_t> out, grad, block_saved;  // offsets in `saved`
   };
   struct timer {
@@ -320,9 +354,40 @@ class gpt_stage {
       final_norm_->backward_input(dy, cview(saved, ch.tail, d, n),
                                   cview(saved, ch.tail + hidden_tokens(), 1, n), top);
       if (weights) final_norm_->backward_weight(dy, cview(saved, ch.tail, d, n));
+    } else if (ch.sliced_out) {
+      gather_into(std::span<T>(top.data(), hidden_tokens()), output_grad);
     } else {
       std::copy_n(output_grad.data(), hidden_tokens(), top.data());
     }
+  }
+
+  // Elements of this tensor rank's slice of a boundary activation.
+  std::size_t slice_size() const {
+    const auto rg = pipit::tp::row_block(static_cast<std::int64_t>(hidden_tokens()), tensor_size_,
+                                         tensor_rank_);
+    return static_cast<std::size_t>(rg.size());
+  }
+  template <class U>
+  std::span<U> my_slice(std::span<U> whole) const {
+    return pipit::tp::slice_of(whole, tensor_size_, tensor_rank_);
+  }
+  // This rank's slice `part` into its place in `whole`, then every rank's (the tensor group's
+  // all-gather: every member calls it, in the same order of passes). Returns whole's data.
+  const T* gather_into(std::span<T> whole, std::span<const T> part) {
+    const std::span<T> mine = my_slice(whole);
+    if (part.size() != mine.size())
+      pipit::fail("gpt::gpt_stage: a slice of ", part.size(), " elements where tensor rank ",
+                  tensor_rank_, " of ", tensor_size_, " holds ", mine.size());
+    std::copy(part.begin(), part.end(), mine.begin());
+    tp_.all_gather(whole);
+    return whole.data();
+  }
+  // The chunk's input gradient to the previous stage: whole, or this rank's slice of it.
+  void send_input_grad(const chunk& ch, std::span<const T> saved, std::span<T> input_grad) const {
+    if (input_grad.empty()) return;
+    const std::span<const T> dx = saved.subspan(ch.grad[0], hidden_tokens());
+    const std::span<const T> part = ch.sliced_in ? my_slice(dx) : dx;
+    std::copy(part.begin(), part.end(), input_grad.begin());
   }
 
   void embedding_weight(const pipit::runtime::pass_info& i, const chunk& ch,
@@ -364,6 +429,8 @@ class gpt_stage {
   stage_options opt_;
   bool vocab_parallel_;
   int tensor_size_, tensor_rank_;
+  bool scatter_gather_;  // stage_options::scatter_gather with t > 1
+  tensor_group<T> tp_;   // the all-gather of scatter/gather
   std::vector<chunk> chunks_;
   std::vector<std::unique_ptr<block<T>>> blocks_;
   std::vector<int> block_layers_;  // the model layer of each block

@@ -79,9 +79,9 @@ double tail_mean(const std::vector<double>& losses) {
 void rank_table(const gpt::train_summary& s) {
   // On a 3D grid each rank's (tensor, data, pipeline) coordinates follow its number.
   const bool grid = s.grid.size() > s.grid.pipeline;
-  std::printf("%-*s  %-26s %8s %8s %8s %6s %9s %9s %9s %9s\n", grid ? 13 : 4,
+  std::printf("%-*s  %-26s %8s %8s %8s %6s %9s %9s %9s %9s %10s\n", grid ? 13 : 4,
               grid ? "rank (t,d,p)" : "rank", "holds", "busy s", "exch s", "idle s", "idle",
-              "param MiB", "adam MiB", "stash MiB", "peak MiB");
+              "param MiB", "adam MiB", "stash MiB", "peak MiB", "sent KiB");
   for (std::size_t r = 0; r < s.ranks.size(); ++r) {
     const auto& k = s.ranks[r];
     const double idle = std::max(0.0, k.wall_seconds - k.busy_seconds - k.comm_seconds);
@@ -90,17 +90,19 @@ void rank_table(const gpt::train_summary& s) {
       std::snprintf(who, sizeof who, "%-3zu (%d,%d,%d)", r, k.tensor, k.data, k.pipeline);
     else
       std::snprintf(who, sizeof who, "%zu", r);
-    std::printf("%-*s  %-26s %8.3f %8.3f %8.3f %5.1f%% %9.2f %9.2f %9.2f %9.2f\n", grid ? 13 : 4,
-                who, k.holds.c_str(), k.busy_seconds, k.comm_seconds, idle,
+    std::printf("%-*s  %-26s %8.3f %8.3f %8.3f %5.1f%% %9.2f %9.2f %9.2f %9.2f %10.1f\n",
+                grid ? 13 : 4, who, k.holds.c_str(), k.busy_seconds, k.comm_seconds, idle,
                 k.wall_seconds > 0 ? 100.0 * idle / k.wall_seconds : 0.0, k.parameter_bytes / mib,
-                k.optimizer_bytes / mib, k.stash_bytes / mib, k.peak_bytes() / mib);
+                k.optimizer_bytes / mib, k.stash_bytes / mib, k.peak_bytes() / mib,
+                k.sent_bytes_per_step / 1024.0);
   }
   std::printf(
       "(busy: inside compute passes, the vocabulary passes' collectives included; exch: the "
       "pipeline's sends and receives, waiting for the peer included; idle: the rest of the wall "
       "time (bubbles, the optimizer, "
       "waiting); peak: parameters and gradients + Adam + the executor's stash + the output "
-      "layer's workspace)\n");
+      "layer's workspace; sent: the activations and gradients this rank sends to other pipeline "
+      "stages per step, 1/t of them with tensor parallelism's scatter/gather)\n");
 }
 
 void report(const gpt::train_summary& s, const gpt::data_source& data) {
@@ -207,6 +209,10 @@ int main(int argc, char** argv) {
                  "output-layer algorithm under vocab-parallel: one-barrier, two-barrier, naive")
       ->check(CLI::IsMember(algorithms));
   app.add_flag("--rematerialize", o.rematerialize, "recompute forwards before the backward");
+  bool no_scatter_gather = false;
+  app.add_flag("--no-scatter-gather", no_scatter_gather,
+               "with --tensor > 1: send whole activations between stages (default: each tensor "
+               "rank sends its 1/t slice, the next stage all-gathers them; Megatron-LM)");
   app.add_option("--layers", o.model.layers, "transformer blocks");
   app.add_option("--hidden", o.model.hidden, "hidden size d");
   app.add_option("--heads", o.model.heads, "attention heads");
@@ -272,6 +278,7 @@ int main(int argc, char** argv) {
     o.tensor = tensor;
     o.data = replicas;
     o.pipeline = ranks;
+    o.scatter_gather = !no_scatter_gather;
     const bool grid3d = tensor * replicas > 1;
     if (grid3d && (predict || compare))
       pipit::fail(
@@ -314,9 +321,12 @@ int main(int argc, char** argv) {
       if (grid3d)
         std::printf(
             "grid: tensor %d x data %d x pipeline %d = %d ranks (%s); %d microbatches per "
-            "replica, %d per step\n",
+            "replica, %d per step%s\n",
             tensor, replicas, ranks, world_size, mpi ? "mpi" : "threads", o.microbatches,
-            o.microbatches * replicas);
+            o.microbatches * replicas,
+            tensor > 1 && ranks > 1 ? (o.scatter_gather ? "; scatter/gather between stages"
+                                                        : "; whole activations between stages")
+                                    : "");
       std::fflush(stdout);
     }
 

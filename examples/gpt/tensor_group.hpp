@@ -4,6 +4,8 @@
 // index r in it, and a sum all-reduce over the group. The layers hold it by value and call `sum`
 // only when t > 1, so the unsharded model (t = 1) does exactly the arithmetic it always did,
 // with no communication. Type-erased so that the layers stay independent of the communicator.
+// gather, an all-gather of row blocks, rebuilds a whole activation from the slices the ranks of
+// the group received from the previous pipeline stage (gpt_stage's scatter/gather).
 //
 // tensor_split says how a parameter tensor is cut over the group, so that a rank's shard can be
 // placed back into the whole tensor (place_shard: checkpoints, tests).
@@ -15,6 +17,7 @@
 
 #include "matrix.hpp"
 #include "pipit/core/error.hpp"
+#include "pipit/tp/stage_scatter_gather.hpp"
 
 namespace gpt {
 
@@ -25,20 +28,32 @@ struct tensor_group {
   // In-place sum over the group; every member must get bit-identical results (the replicated
   // parameters then stay equal on every rank without any communication).
   std::function<void(std::span<T>)> sum;
+  // In place: this rank's slice of the span (pipit::tp::slice_of, the rank-th of `size`
+  // near-equal parts) in, every rank's slice out. Pure data movement: the result is exact.
+  std::function<void(std::span<T>)> gather = {};
 
   void all_reduce(std::span<T> s) const {
     if (size > 1) sum(s);
   }
+  void all_gather(std::span<T> s) const {
+    if (size == 1) return;
+    if (!gather)
+      pipit::fail("gpt: a tensor group of ", size,
+                  " ranks has no all-gather (tensor_group::gather)");
+    gather(s);
+  }
 };
 
-// A tensor group over a pipit communicator (its rank and size; all_reduce with std::plus). The
-// communicator must outlive the group and every layer holding it.
+// A tensor group over a pipit communicator (its rank and size; all_reduce with std::plus;
+// all_gather around the ring, pipit::tp::gather_slices). The communicator must outlive the group
+// and every layer holding it.
 template <class T, class Comm>
 tensor_group<T> make_tensor_group(Comm& comm) {
   tensor_group<T> g;
   g.size = comm.size();
   g.rank = comm.rank();
   g.sum = [&comm](std::span<T> s) { comm.all_reduce(s, std::plus<>{}); };
+  g.gather = [&comm](std::span<T> s) { pipit::tp::gather_slices(comm, s); };
   return g;
 }
 

@@ -23,7 +23,10 @@
 // group with its data group averaging the gradients, and replica r draws the step's microbatches
 // [r m, (r + 1) m): d replicas of m microbatches train exactly the model one process trains with
 // d m microbatches. The step's loss counts each microbatch once (tensor rank 0 of each replica)
-// and is the mean over the replicas.
+// and is the mean over the replicas. Between transformer stages each tensor rank sends only its
+// 1 / t slice of the activation (and gradient), which the next stage all-gathers over its tensor
+// group (options.scatter_gather, Megatron's scatter/gather: gpt_stage.hpp); rank_summary reports
+// each rank's bytes sent per step.
 
 #include <algorithm>
 #include <array>
@@ -74,6 +77,10 @@ struct train_options {
   int tensor = 1;    // tensor-parallel ranks per stage (Megatron's t)
   int data = 1;      // data-parallel replicas (d)
   int pipeline = 0;  // pipeline stages (p); 0: comm.size() / (tensor * data)
+  // Megatron's scatter/gather between pipeline stages (gpt_stage.hpp): with tensor > 1, a
+  // boundary between transformer chunks carries each tensor rank's 1 / t slice of the
+  // activation (and of its gradient), rebuilt by an all-gather over the receiving tensor group.
+  bool scatter_gather = true;
 };
 
 // The grid train() runs on `world` ranks; throws pipit::error naming the sizes that do not fit.
@@ -117,6 +124,9 @@ struct rank_summary {
   double optimizer_bytes = 0;  // Adam's two moments
   double stash_bytes = 0;      // the executor's activation and gradient buffers
   double workspace_bytes = 0;  // the output layer's workspace (see train.hpp: memory)
+  // Bytes this rank sends to other pipeline stages per step (activations and their gradients:
+  // the executor's compiled sends); about 1 / t of it with scatter/gather.
+  double sent_bytes_per_step = 0;
   double peak_bytes() const {
     return parameter_bytes + optimizer_bytes + stash_bytes + workspace_bytes;
   }
@@ -208,6 +218,16 @@ double vocab_layers_bytes(const model_config& c, const pipit::vocab::vocab_shard
          n * d * 2 * sizeof(T);
 }
 
+// The bytes the compiled program sends to other pipeline ranks in one step: every send of its
+// exchanges (one per activation or gradient crossing a stage boundary, each run once a step).
+template <class T>
+double sent_bytes(const pipit::runtime::program& p) {
+  double bytes = 0;
+  for (const auto& t : p.transfers)
+    if (t.send) bytes += static_cast<double>(t.buffer.size * sizeof(T));
+  return bytes;
+}
+
 // The training loop every rank runs once the executor exists. before_run(step) gives a
 // vocabulary plan its batch; loss_of() is this rank's contribution to the step's loss.
 template <class T, class Comm, class Exec, class BeforeRun, class LossOf, class OnStep>
@@ -271,11 +291,14 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
   pipit::tp::process_grid grid(comm, pipit::tp::grid_layout(shape));
   const pipit::tp::grid_coords at = grid.coords();
   gpt_stage<T> stage(o.model, part, at.pipeline, data,
-                     {.microbatches = o.microbatches, .data_seed = o.data_seed, .replica = at.data},
+                     {.microbatches = o.microbatches,
+                      .data_seed = o.data_seed,
+                      .replica = at.data,
+                      .scatter_gather = o.scatter_gather},
                      shape.tensor > 1 ? make_tensor_group<T>(grid.tensor()) : tensor_group<T>{});
   const pipit::runtime::executor_options xo{.rematerialize = o.rematerialize, .seed = o.data_seed};
   timeline_recorder rec;
-  double wall = 0, param_bytes = 0, workspace = 0, optimizer_bytes = 0, stash = 0;
+  double wall = 0, param_bytes = 0, workspace = 0, optimizer_bytes = 0, stash = 0, sent = 0;
   std::vector<parameter<T>> params(stage.parameters().begin(), stage.parameters().end());
   std::optional<vocab_tables<T>> tables;  // outlives the loop: on_end reads the parameters
   const double replicas = shape.data;
@@ -296,6 +319,7 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
     param_bytes = static_cast<double>(2 * stage.parameter_count() * sizeof(T));
     optimizer_bytes = static_cast<double>(opt.state_bytes());
     stash = static_cast<double>(ex.stash_bytes());
+    sent = detail_train::sent_bytes<T>(ex.compiled());
     workspace = static_cast<double>(stage.peak_workspace_bytes());
   } else {
     static_assert(std::is_same_v<pipit::vocab::accum_t<T>, T>,
@@ -343,6 +367,7 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
       param_bytes = static_cast<double>(2 * stage.parameter_count() * sizeof(T) + tables->bytes());
       optimizer_bytes = static_cast<double>(opt.state_bytes());
       stash = static_cast<double>(ex.stash_bytes());
+      sent = detail_train::sent_bytes<T>(ex.compiled());
       workspace = detail_train::vocab_layers_bytes<T>(o.model, shards, shard,
                                                       std::max(ex.compiled().vocab_slots, 1));
     });
@@ -351,10 +376,16 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
   out.timeline = gather_timeline(grid.pipeline(), rec.passes());
 
   // Every rank's numbers to every rank.
-  constexpr std::size_t fields = 7;
+  constexpr std::size_t fields = 8;
   const int world = comm.size();
-  const std::array<double, fields> mine{
-      rec.busy_seconds(), rec.comm_seconds(), wall, param_bytes, optimizer_bytes, stash, workspace};
+  const std::array<double, fields> mine{rec.busy_seconds(),
+                                        rec.comm_seconds(),
+                                        wall,
+                                        param_bytes,
+                                        optimizer_bytes,
+                                        stash,
+                                        workspace,
+                                        sent};
   std::vector<double> all(fields * static_cast<std::size_t>(world));
   comm.all_gather(std::span<const double>(mine), std::span<double>(all));
   for (int r = 0; r < world; ++r) {
@@ -377,6 +408,7 @@ train_summary train(Comm& comm, const train_options& o, const data_source& data,
     s.optimizer_bytes = f[4];
     s.stash_bytes = f[5];
     s.workspace_bytes = f[6];
+    s.sent_bytes_per_step = f[7];
     out.seconds = std::max(out.seconds, f[2]);
     out.ranks.push_back(s);
   }

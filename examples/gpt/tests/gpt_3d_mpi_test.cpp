@@ -3,7 +3,8 @@
 // single-process reference itself (comm::threads with one rank) and checks the losses of every
 // step and each of its own parameter shards against the matching elements of the whole tensors
 // (tensor_group.hpp: whole_index); the replicated parameters must be bit-identical on the ranks
-// of each tensor group and the whole shard set on the ranks of each data group.
+// of each tensor group and the whole shard set on the ranks of each data group. Scatter/gather
+// between the stages is on (the default): each rank sends only its tensor rank's slice.
 #include <catch2/catch.hpp>
 
 #include <mpi.h>
@@ -21,6 +22,7 @@
 #include "pipit/comm/mpi_communicator.hpp"
 #include "pipit/comm/threads.hpp"
 #include "pipit/tp/grid_layout.hpp"
+#include "pipit/tp/ring_collective.hpp"
 #include "support/mpi_world.hpp"
 #include "tensor_group.hpp"
 #include "train.hpp"
@@ -87,7 +89,9 @@ TEST_CASE("3D training over MPI (tensor 2 x data 2 x pipeline 2) equals single-p
       p.data = 2;
       p.pipeline = 2;
       p.microbatches = 2;  // per replica
+      REQUIRE(p.scatter_gather);
       std::vector<double> losses;
+      double sent = -1;
       double worst = 0;
       int tensors = 0;
       std::uint64_t replicated = 14695981039346656037ull, all = replicated;
@@ -121,6 +125,7 @@ TEST_CASE("3D training over MPI (tensor 2 x data 2 x pipeline 2) equals single-p
                   }
                 });
             losses = s.losses;
+            sent = s.ranks.at(static_cast<std::size_t>(comm.rank())).sent_bytes_per_step;
           },
           mo);
       INFO(schedule << ", " << partition << ", world rank " << pipit::testing::world_rank());
@@ -129,6 +134,13 @@ TEST_CASE("3D training over MPI (tensor 2 x data 2 x pipeline 2) equals single-p
         CHECK(std::abs(losses[s] - ref.losses[s]) <= 1e-10 * ref.losses[s]);
       CHECK(tensors > 0);
       CHECK(worst <= 1e-10);
+      // Pipeline 2, one chunk each: stage 0 sends m activations, stage 1 m gradients, each the
+      // tensor rank's half of the n = hidden x tokens elements.
+      const pipit::tp::grid_coords me_at = layout.coords_of(pipit::testing::world_rank());
+      const auto n = static_cast<std::int64_t>(c.hidden) * c.tokens();
+      CHECK(sent == p.microbatches *
+                        static_cast<double>(pipit::tp::row_block(n, 2, me_at.tensor).size()) *
+                        sizeof(double));
       // Bit-identical replicas: every rank's fingerprints to every rank.
       std::uint64_t mine[2] = {replicated, all};
       std::vector<std::uint64_t> every(16);

@@ -15,6 +15,7 @@
 
 #include "pipit/comm/threads.hpp"
 #include "pipit/tp/grid_layout.hpp"
+#include "pipit/tp/ring_collective.hpp"
 #include "tensor_group.hpp"
 #include "train.hpp"
 
@@ -347,6 +348,7 @@ struct grid_result {
   std::vector<double> losses;
   std::vector<std::vector<held>> by_rank;  // world rank -> its parameters
   pipit::tp::grid_shape grid;
+  std::vector<gpt::rank_summary> ranks;  // world rank -> its summary
 };
 
 grid_result run_grid(int world, const gpt::train_options& o, const gpt::data_source& data) {
@@ -366,6 +368,7 @@ grid_result run_grid(int world, const gpt::train_options& o, const gpt::data_sou
       std::lock_guard lock(m);
       out.losses = s.losses;
       out.grid = s.grid;
+      out.ranks = s.ranks;
     }
   });
   return out;
@@ -516,6 +519,115 @@ TEST_CASE("tensor and data parallelism each alone equal single-process training"
     compare_replicas(got, differ);
     CHECK(differ == 0);
   }
+}
+
+// Megatron's scatter/gather between stages (gpt_stage.hpp) moves data only: with it on and off
+// the same passes compute the same values, so losses and every parameter on every rank are
+// bit-identical, and both follow single-process training to 1e-10 (the tolerance above). On the
+// wire: every activation or gradient a rank sends between transformer chunks shrinks from n to
+// its tensor rank's row_block(n, t, r) elements. Grids: 2 x 2 x 2 (two boundaries per rank under
+// interleaving; vocabulary parallelism, whose first input and last output stay whole), tensor 2
+// x pipeline 3 (a middle stage with slices on both sides), and zb-v (a chunk hand-off on one
+// rank, which carries the slice too, without a message); with and without re-materialization.
+TEST_CASE("scatter/gather between stages sends 1/t and changes no result", "[gpt]") {
+  const gpt::model_config c = grid_model();
+  const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
+  gpt::train_options o;
+  o.model = c;
+  o.steps = 2;
+  o.adam.lr = 1e-2;
+  const auto n = static_cast<std::int64_t>(c.hidden) * c.tokens();
+  struct variant {
+    int tensor, data, pipeline;
+    const char* schedule;
+    const char* partition;
+    bool remat;
+  };
+  std::map<int, run_result> refs;  // by d * m
+  for (const variant v :
+       {variant{2, 2, 2, "interleaved", "naive", true}, variant{2, 2, 2, "zb-h1", "naive", false},
+        variant{2, 2, 2, "1f1b", "vocab-parallel", true}, variant{2, 1, 3, "1f1b", "naive", true},
+        variant{2, 1, 3, "zb-h1", "naive", false}, variant{2, 1, 2, "zb-v", "naive", false}}) {
+    gpt::train_options p = o;
+    p.tensor = v.tensor;
+    p.data = v.data;
+    p.pipeline = v.pipeline;
+    p.microbatches = 2;  // per replica
+    p.schedule = v.schedule;
+    p.partition = v.partition;
+    p.rematerialize = v.remat;
+    const int world = v.tensor * v.data * v.pipeline;
+    INFO(v.schedule << ", " << v.partition << (v.remat ? ", re-materialized" : "") << " on tensor "
+                    << v.tensor << " x data " << v.data << " x pipeline " << v.pipeline);
+    p.scatter_gather = true;
+    grid_result on = run_grid(world, p, data);
+    p.scatter_gather = false;
+    grid_result off = run_grid(world, p, data);
+
+    CHECK(on.losses == off.losses);  // bitwise
+    int tensors = 0, differ = 0;
+    for (std::size_t w = 0; w < on.by_rank.size(); ++w) {
+      REQUIRE(on.by_rank[w].size() == off.by_rank[w].size());
+      for (std::size_t k = 0; k < on.by_rank[w].size(); ++k) {
+        ++tensors;
+        if (on.by_rank[w][k].values != off.by_rank[w][k].values) ++differ;
+      }
+    }
+    CHECK(tensors > 0);
+    CHECK(differ == 0);
+
+    const int dm = v.data * p.microbatches;
+    if (!refs.count(dm)) {
+      gpt::train_options r = o;
+      r.microbatches = dm;
+      refs.emplace(dm, run<double>(1, r, data));
+    }
+    const run_result& ref = refs.at(dm);
+    REQUIRE(on.losses.size() == ref.losses.size());
+    for (std::size_t s = 0; s < ref.losses.size(); ++s)
+      CHECK(std::abs(on.losses[s] - ref.losses[s]) <= 1e-10 * ref.losses[s]);
+    CHECK(max_relative(assemble(on), ref.trained) <= 1e-10);
+
+    // Sends per step, from the partition: each virtual stage sends its output on (unless it is
+    // the last, or the next lives on the same rank) and its input gradient back (unless it is
+    // the first, or the previous lives on the same rank), once per microbatch of the replica.
+    const pipit::partition::partition part = gpt::partition_of(p, v.pipeline);
+    const int last = part.virtual_stages() - 1;
+    REQUIRE(on.ranks.size() == static_cast<std::size_t>(world));
+    for (std::size_t w = 0; w < on.ranks.size(); ++w) {
+      const gpt::rank_summary& k = on.ranks[w];
+      const auto mine = part.stages_of(k.pipeline);
+      const auto here = [&](int s) { return std::find(mine.begin(), mine.end(), s) != mine.end(); };
+      int sends = 0;
+      for (const int s : mine) sends += (s < last && !here(s + 1)) + (s > 0 && !here(s - 1));
+      sends *= p.microbatches;
+      const double slice = static_cast<double>(pipit::tp::row_block(n, v.tensor, k.tensor).size());
+      INFO("world rank " << w << " (pipeline " << k.pipeline << ", tensor " << k.tensor
+                         << "): " << sends << " sends");
+      CHECK(sends > 0);
+      CHECK(off.ranks[w].sent_bytes_per_step == sends * static_cast<double>(n) * sizeof(double));
+      CHECK(k.sent_bytes_per_step == sends * slice * sizeof(double));
+      CHECK(k.sent_bytes_per_step * v.tensor == off.ranks[w].sent_bytes_per_step);
+    }
+  }
+}
+
+TEST_CASE("scatter/gather refuses a tensor group without its all-gather", "[gpt]") {
+  const gpt::model_config c = grid_model();
+  const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
+  gpt::train_options o;
+  o.model = c;
+  const pipit::partition::partition part = gpt::partition_of(o, 2);
+  gpt::tensor_group<double> g{2, 1, [](std::span<double>) {}};  // a sum, no gather
+  CHECK_THROWS_WITH(gpt::gpt_stage<double>(c, part, 1, data, {}, g),
+                    Catch::Contains("scatter/gather over a tensor group of 2 ranks needs its "
+                                    "all-gather"));
+  std::vector<double> x(4);
+  CHECK_THROWS_WITH(g.all_gather(x), Catch::Contains("tensor group of 2 ranks has no all-gather"));
+  CHECK_NOTHROW(gpt::gpt_stage<double>(c, part, 1, data, {.scatter_gather = false}, g));
+  g.size = 1;  // t = 1: nothing to gather
+  g.rank = 0;
+  CHECK_NOTHROW(g.all_gather(x));
 }
 
 TEST_CASE("the trainer refuses grids that do not fit", "[gpt]") {
