@@ -293,43 +293,8 @@ TEST_CASE("2 data-parallel x 2 pipeline ranks with vocabulary layers train like 
           "[runtime][vocab][equivalence]") {
   const auto cfg = base_config();
   constexpr int m = 4, steps = 2, replicas = 2;
-  const auto batch_of = [&](int step, int replica) {
-    return pipit::testing::make_batch(cfg, m,
-                                      static_cast<std::uint64_t>(step * replicas + replica));
-  };
   // The reference: per step, each replica's gradients on its own batch, averaged.
-  pipit::testing::vocab_reference ref(cfg);
-  std::vector<pipit::testing::vocab_snapshot> want;
-  for (int step = 0; step < steps; ++step) {
-    pipit::testing::vocab_snapshot avg{};
-    for (int q = 0; q < replicas; ++q) {
-      ref.step(batch_of(step, q), m);
-      if (q == 0) {
-        avg = {ref.loss, ref.valid, ref.ge, ref.gh, ref.gw, ref.gb};
-      } else {
-        avg.loss += ref.loss;
-        avg.ge += ref.ge;
-        avg.gh += ref.gh;
-        for (std::size_t l = 0; l < avg.gw.size(); ++l) {
-          avg.gw[l] += ref.gw[l];
-          avg.gb[l] += ref.gb[l];
-        }
-      }
-    }
-    avg.loss /= replicas;
-    avg.ge /= replicas;
-    avg.gh /= replicas;
-    for (std::size_t l = 0; l < avg.gw.size(); ++l) {
-      avg.gw[l] /= replicas;
-      avg.gb[l] /= replicas;
-    }
-    ref.ge = avg.ge;
-    ref.gh = avg.gh;
-    ref.gw = avg.gw;
-    ref.gb = avg.gb;
-    ref.sgd(pipit::testing::vocab_test_lr);
-    want.push_back(avg);
-  }
+  const auto want = pipit::testing::reference_run_data_parallel(cfg, m, steps, replicas);
   const ps::plan plan = ps::make_vocab_plan("1f1b", {2, m, 1}, ps::vocab_passes::one_barrier);
   std::vector<double> worst(4, 0.0);
   threads::run(4, [&](threads& world) {
@@ -353,7 +318,7 @@ TEST_CASE("2 data-parallel x 2 pipeline ranks with vocabulary layers train like 
     rt::executor ex(pipe, data, stage, layers, plan);
     double& w = worst[static_cast<std::size_t>(world.rank())];
     for (int step = 0; step < steps; ++step) {
-      const auto batch = batch_of(step, replica);
+      const auto batch = pipit::testing::replica_batch(cfg, m, step, replica, replicas);
       layers.set_batch(batch.tokens, batch.targets);
       ex.run();
       const auto& g = want[static_cast<std::size_t>(step)];
