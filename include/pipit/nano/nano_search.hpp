@@ -12,8 +12,11 @@
 // can start first). The prediction is the makespan.
 //
 // The optimum (NanoFlow's "optimal throughput", section 3: an iteration cannot be faster than
-// its busiest resource): resource_bound() = max over machines of the summed full-batch
-// durations of its ops, i.e. perfect overlap with no cost for splitting.
+// its busiest resource): resource_bound() = max over machines of the least work its ops can
+// take, i.e. perfect overlap with no dispatch cost. An op's least work is the cheapest way to
+// cover its rows with nano-batches of any sizes under the profile (usually the full batch; a
+// measured profile can make some split cheaper in sum, and then the bound takes that split, so
+// that no prediction of any split can fall below it).
 //
 // Search. NanoFlow solves two MILPs (Gurobi; auto_search/search.py): nano-op order without
 // interference, then SM shares with interference. The host has no SM shares and the issue
@@ -118,13 +121,27 @@ inline double predict_sequential(const op_graph& g, const nano_batch& plan, cons
   return s;
 }
 
-// The resource-bound optimum: max over machines of the summed full-batch durations.
+// The least time op `op` can take on `rows` rows under the profile, over every split into
+// nano-batches (no dispatch cost): least(r) = min over s in [1, r] of duration(s) + least(r - s).
+inline double least_work(int op, std::int64_t rows, const profile& prof) {
+  if (rows < 0) fail("pipit::nano::least_work: ", rows, " rows");
+  std::vector<double> least(static_cast<std::size_t>(rows) + 1, 0.0);
+  for (std::int64_t r = 1; r <= rows; ++r) {
+    double best = prof.duration(op, r);  // one nano-batch: also the exact value when it wins
+    for (std::int64_t s = 1; s < r; ++s)
+      best = std::min(best, prof.duration(op, s) + least[static_cast<std::size_t>(r - s)]);
+    least[static_cast<std::size_t>(r)] = best;
+  }
+  return least[static_cast<std::size_t>(rows)];
+}
+
+// The resource-bound optimum: max over machines of the summed least work of their ops.
 inline double resource_bound(const op_graph& g, std::int64_t rows, const profile& prof,
                              const cost_model& model) {
   std::array<double, resource_count> busy{};
   for (int o = 0; o < g.size(); ++o)
     busy[static_cast<std::size_t>(model.machine[static_cast<std::size_t>(g[o].kind)])] +=
-        prof.duration(o, rows);
+        least_work(o, rows, prof);
   return *std::max_element(busy.begin(), busy.end());
 }
 
