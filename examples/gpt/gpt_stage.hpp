@@ -32,8 +32,11 @@
 // only tensor rank r's slice (pipit::tp::slice_of: the r-th of t near-equal parts) to its peer,
 // and the receiving chunk rebuilds the whole with an all-gather over its tensor group
 // (tensor_group::all_gather). Both directions: the forward sends its output's slice and gathers
-// its input into `saved` (which a re-materialized forward fills again, every tensor rank in
-// lockstep); the backward gathers its output gradient and sends its input gradient's slice.
+// its input into a scratch buffer (only the blocks' forward reads the whole input; a
+// re-materialized forward gathers again, every tensor rank in lockstep); the backward gathers its
+// output gradient and sends its input gradient's slice. A boundary whose neighbouring chunk is on
+// the same rank (V placement's turn, several chunks on one rank) is a local hand-off with no
+// message and stays whole: slicing it would only add two all-gathers.
 // input_size / output_size of such a boundary are the slice's size, so the executor moves n / t
 // elements instead of n. The vocabulary-parallel layers' input and output stay whole. Only data
 // moves: the passes compute exactly what they compute without it.
@@ -109,7 +112,11 @@ class gpt_stage {
                   " ranks needs its all-gather (tensor_group::gather)");
     const std::size_t dn = hidden_tokens(), n = static_cast<std::size_t>(cfg.tokens());
     const int last_stage = part.virtual_stages() - 1;
-    for (const int s : part.stages_of(rank)) {
+    const std::vector<int> mine = part.stages_of(rank);
+    const auto local = [&mine](int s) {
+      return std::find(mine.begin(), mine.end(), s) != mine.end();
+    };
+    for (const int s : mine) {
       const auto& st = part.stages[cu(s)];
       chunk ch;
       ch.stage = s;
@@ -117,10 +124,11 @@ class gpt_stage {
       ch.last = s == last_stage;
       ch.embedding = st.embedding;
       ch.head = st.output;
-      // Slices only between two transformer chunks: the embedding's output and the last stage's
-      // (the LM head's or the vocabulary layers' input) stay whole.
-      ch.sliced_in = scatter_gather_ && !ch.first;
-      ch.sliced_out = scatter_gather_ && !ch.last;
+      // Slices only between two transformer chunks on different ranks: the embedding's output,
+      // the last stage's (the LM head's or the vocabulary layers' input) and local hand-offs stay
+      // whole.
+      ch.sliced_in = scatter_gather_ && !ch.first && !local(s - 1);
+      ch.sliced_out = scatter_gather_ && !ch.last && !local(s + 1);
       ch.first_block = static_cast<int>(blocks_.size());
       ch.blocks = st.layers;
       for (int l = st.first_layer; l < st.first_layer + st.layers; ++l) {
@@ -134,7 +142,6 @@ class gpt_stage {
         return o;
       };
       if (ch.first) ch.x0 = take(dn);
-      if (ch.sliced_in) ch.x_in = take(dn);  // the gathered input
       for (int k = 0; k < ch.blocks; ++k) ch.out.push_back(take(dn));
       for (int k = 0; k <= ch.blocks; ++k) ch.grad.push_back(take(dn));
       for (int k = 0; k < ch.blocks; ++k)
@@ -155,6 +162,8 @@ class gpt_stage {
     batch_tokens_.resize(static_cast<std::size_t>(cfg.batch) *
                          (static_cast<std::size_t>(cfg.seq) + 1));
     ids_.resize(n);
+    if (std::any_of(chunks_.begin(), chunks_.end(), [](const chunk& c) { return c.sliced_in; }))
+      gathered_.resize(dn);
   }
 
   // ---- the pipit::runtime stage -------------------------------------------------------------
@@ -187,7 +196,7 @@ class gpt_stage {
       positions_->add(x0);
       cur = x0.data();
     } else if (ch.sliced_in) {
-      cur = gather_into(saved.subspan(ch.x_in, hidden_tokens()), in);
+      cur = gather_into(std::span<T>(gathered_), in);
     }
     for (int k = 0; k < ch.blocks; ++k) {
       map<T> y = view(saved, ch.out[cu(k)], d, n);
@@ -298,8 +307,8 @@ class gpt_stage {
     int stage = 0, first_block = 0, blocks = 0;
     bool first = false, last = false, embedding = false, head = false;
     bool sliced_in = false, sliced_out = false;  // scatter/gather at the input / output boundary
-    std::size_t x0 = 0, x_in = 0;    // offsets in `saved`: embedding output, gathered input
-    std::size_t tail = 0, size = 0;  // tail: the head's or the final norm's values
+    std::size_t x0 = 0;                          // offset in `saved`: the embedding output
+    std::size_t tail = 0, size = 0;              // tail: the head's or the final norm's values
     std::vector<std::size_t> out, grad, block_saved;  // offsets in `saved`
   };
   struct timer {
@@ -441,6 +450,7 @@ class gpt_stage {
   std::vector<parameter<T>> params_;
   std::vector<std::span<T>> grads_;
   std::vector<std::int32_t> batch_tokens_, ids_;
+  std::vector<T> gathered_;  // a sliced input, gathered whole for the blocks' forward
   double loss_sum_ = 0, busy_seconds_ = 0;
 };
 

@@ -97,12 +97,13 @@ void rank_table(const gpt::train_summary& s) {
                 k.sent_bytes_per_step / 1024.0);
   }
   std::printf(
-      "(busy: inside compute passes, the vocabulary passes' collectives included; exch: the "
+      "(busy: inside compute passes, the vocabulary passes' and the tensor group's collectives "
+      "included; exch: the "
       "pipeline's sends and receives, waiting for the peer included; idle: the rest of the wall "
       "time (bubbles, the optimizer, "
       "waiting); peak: parameters and gradients + Adam + the executor's stash + the output "
       "layer's workspace; sent: the activations and gradients this rank sends to other pipeline "
-      "stages per step, 1/t of them with tensor parallelism's scatter/gather)\n");
+      "stages per step)\n");
 }
 
 void report(const gpt::train_summary& s, const gpt::data_source& data) {

@@ -528,7 +528,7 @@ TEST_CASE("tensor and data parallelism each alone equal single-process training"
 // its tensor rank's row_block(n, t, r) elements. Grids: 2 x 2 x 2 (two boundaries per rank under
 // interleaving; vocabulary parallelism, whose first input and last output stay whole), tensor 2
 // x pipeline 3 (a middle stage with slices on both sides), and zb-v (a chunk hand-off on one
-// rank, which carries the slice too, without a message); with and without re-materialization.
+// rank, which stays whole: no message); with and without re-materialization.
 TEST_CASE("scatter/gather between stages sends 1/t and changes no result", "[gpt]") {
   const gpt::model_config c = grid_model();
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
