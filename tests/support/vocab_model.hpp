@@ -398,6 +398,27 @@ double rel_error(const A& a, const B& b) {
   return static_cast<double>((a - b).cwiseAbs().maxCoeff()) / scale;
 }
 
+// The error of one shard's embedding and output-layer gradients (ge, gh: shard rows x hidden,
+// the real rows `real` first, then padding) against the reference's whole gradients, relative to
+// each whole tensor's largest value; 1 when a padding row got a gradient.
+template <class E, class H>
+double shard_grad_error(const E& ge, const H& gh, const vocab_snapshot& want,
+                        range<std::int64_t> real) {
+  const std::int64_t rows = ge.rows(), n = real.size();
+  double worst = 0;
+  if (n > 0) {
+    const double se = std::max(1e-300, want.ge.cwiseAbs().maxCoeff());
+    const double sh = std::max(1e-300, want.gh.cwiseAbs().maxCoeff());
+    worst =
+        std::max((ge.topRows(n) - want.ge.middleRows(real.begin, n)).cwiseAbs().maxCoeff() / se,
+                 (gh.topRows(n) - want.gh.middleRows(real.begin, n)).cwiseAbs().maxCoeff() / sh);
+  }
+  if (rows > n && (ge.bottomRows(rows - n).cwiseAbs().maxCoeff() != 0.0 ||
+                   gh.bottomRows(rows - n).cwiseAbs().maxCoeff() != 0.0))
+    worst = std::max(worst, 1.0);
+  return worst;
+}
+
 // One rank of a vocabulary-parallel training run on any communicator: the plan's layers as a
 // token_mlp_stage, this rank's shards of the embedding and the output layer in vocab_layers,
 // ref.size() SGD steps. After each step it compares the loss, the valid-token count, its
@@ -438,16 +459,7 @@ double train_vocab_rank(Comm& comm, const schedule::plan& plan, const token_mode
         worst =
             std::max({worst, rel_error(stage.weight_grad(l), want.gw[static_cast<std::size_t>(l)]),
                       rel_error(stage.bias_grad(l), want.gb[static_cast<std::size_t>(l)])});
-    if (n > 0) {
-      const double se = std::max(1e-300, want.ge.cwiseAbs().maxCoeff());
-      const double sh = std::max(1e-300, want.gh.cwiseAbs().maxCoeff());
-      worst = std::max(
-          {worst, (ge.topRows(n) - want.ge.middleRows(real.begin, n)).cwiseAbs().maxCoeff() / se,
-           (gh.topRows(n) - want.gh.middleRows(real.begin, n)).cwiseAbs().maxCoeff() / sh});
-    }
-    if (rows > n && (ge.bottomRows(rows - n).cwiseAbs().maxCoeff() != 0.0 ||
-                     gh.bottomRows(rows - n).cwiseAbs().maxCoeff() != 0.0))
-      worst = std::max(worst, 1.0);
+    worst = std::max(worst, shard_grad_error(ge, gh, want, real));
     stage.sgd(vocab_test_lr);
     e -= vocab_test_lr * ge;
     h -= vocab_test_lr * gh;
@@ -522,21 +534,11 @@ double train_grid_rank(tp::process_grid<Comm>& grid, const schedule::plan& plan,
     // The whole embedding and output-layer gradients, from every shard of the vocabulary group.
     vc.all_gather(std::span<const double>(ge.data(), block), std::span<double>(all_e));
     vc.all_gather(std::span<const double>(gh.data(), block), std::span<double>(all_h));
-    const double se = std::max(1e-300, want.ge.cwiseAbs().maxCoeff());
-    const double sh = std::max(1e-300, want.gh.cwiseAbs().maxCoeff());
     for (int q = 0; q < ranks; ++q) {
       const Eigen::Map<const row_matrix<double>> qe(all_e.data() + block * std::size_t(q), rows,
                                                     cfg.hidden),
           qh(all_h.data() + block * std::size_t(q), rows, cfg.hidden);
-      const auto qr = shards.real_range_of(q);
-      const std::int64_t qn = qr.size();
-      if (qn > 0)
-        worst = std::max(
-            {worst, (qe.topRows(qn) - want.ge.middleRows(qr.begin, qn)).cwiseAbs().maxCoeff() / se,
-             (qh.topRows(qn) - want.gh.middleRows(qr.begin, qn)).cwiseAbs().maxCoeff() / sh});
-      if (rows > qn && (qe.bottomRows(rows - qn).cwiseAbs().maxCoeff() != 0.0 ||
-                        qh.bottomRows(rows - qn).cwiseAbs().maxCoeff() != 0.0))
-        worst = std::max(worst, 1.0);
+      worst = std::max(worst, shard_grad_error(qe, qh, want, shards.real_range_of(q)));
     }
     stage.sgd(vocab_test_lr);
     e -= vocab_test_lr * ge;

@@ -79,6 +79,17 @@ double max_relative(const params& a, const params& b) {
   return worst;
 }
 
+// The options the training comparisons below start from: `m` microbatches and `steps` steps of
+// Adam at 1e-2 (large enough that a wrong gradient shows within a few steps).
+gpt::train_options comparison_options(const gpt::model_config& c, int steps, int m = 4) {
+  gpt::train_options o;
+  o.model = c;
+  o.microbatches = m;
+  o.steps = steps;
+  o.adam.lr = 1e-2;
+  return o;
+}
+
 // Tolerances. Double: a pipeline computes every microbatch with the same functions on the same
 // shapes as one rank, and every schedule runs a stage's weight passes in microbatch order, so
 // only the placement of buffers differs (Eigen's vectorised reductions may peel differently on
@@ -117,11 +128,7 @@ void check_loss_toward_bound(const std::string& partition) {
 TEST_CASE("pipeline-parallel training equals single-rank training (double)", "[gpt]") {
   const gpt::model_config c = small();
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
-  gpt::train_options o;
-  o.model = c;
-  o.microbatches = 4;
-  o.steps = 5;
-  o.adam.lr = 1e-2;
+  gpt::train_options o = comparison_options(c, 5);
   o.schedule = "1f1b";
   const run_result ref = run<double>(1, o, data);
   REQUIRE(ref.losses.size() == 5u);
@@ -158,11 +165,7 @@ TEST_CASE("pipeline-parallel training equals single-rank training (float, balanc
   gpt::model_config c = small();
   c.vocab = 400;  // a heavy output layer: the balanced partition gives the last rank fewer layers
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
-  gpt::train_options o;
-  o.model = c;
-  o.microbatches = 4;
-  o.steps = 4;
-  o.adam.lr = 1e-2;
+  gpt::train_options o = comparison_options(c, 4);
   const run_result ref = run<float>(1, o, data);
   o.partition = "balanced";
   o.schedule = "zb-h1";
@@ -195,11 +198,7 @@ TEST_CASE("vocabulary-parallel training equals single-rank and naive-partition t
   gpt::model_config c = small();
   c.vocab = 50;
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
-  gpt::train_options o;
-  o.model = c;
-  o.microbatches = 4;
-  o.steps = 5;
-  o.adam.lr = 1e-2;
+  gpt::train_options o = comparison_options(c, 5);
   const run_result ref = run<double>(1, o, data);
   const run_result naive2 = run<double>(2, o, data);
   REQUIRE(ref.losses.back() < ref.losses.front());
@@ -248,11 +247,7 @@ TEST_CASE("vocabulary-parallel training in float follows single-rank training", 
   gpt::model_config c = small();
   c.vocab = 400;
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
-  gpt::train_options o;
-  o.model = c;
-  o.microbatches = 4;
-  o.steps = 4;
-  o.adam.lr = 1e-2;
+  gpt::train_options o = comparison_options(c, 4);
   const run_result ref = run<float>(1, o, data);
   o.partition = "vocab-parallel";
   const run_result got = run<float>(2, o, data);
@@ -446,11 +441,7 @@ gpt::model_config grid_model() {
 TEST_CASE("3D training (tensor 2 x data 2 x pipeline 2) equals single-process training", "[gpt]") {
   const gpt::model_config c = grid_model();
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
-  gpt::train_options o;
-  o.model = c;
-  o.microbatches = 4;  // d * m
-  o.steps = 3;
-  o.adam.lr = 1e-2;
+  gpt::train_options o = comparison_options(c, 3);  // 4 = d * m of the grids below
   const run_result ref = run<double>(1, o, data);
   REQUIRE(ref.losses.back() < ref.losses.front());
 
@@ -492,11 +483,7 @@ TEST_CASE("3D training (tensor 2 x data 2 x pipeline 2) equals single-process tr
 TEST_CASE("tensor and data parallelism each alone equal single-process training", "[gpt]") {
   const gpt::model_config c = grid_model();
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
-  gpt::train_options o;
-  o.model = c;
-  o.microbatches = 4;
-  o.steps = 2;
-  o.adam.lr = 1e-2;
+  gpt::train_options o = comparison_options(c, 2);
   const run_result ref = run<double>(1, o, data);
   struct variant {
     int tensor, data, pipeline, microbatches;
@@ -532,10 +519,7 @@ TEST_CASE("tensor and data parallelism each alone equal single-process training"
 TEST_CASE("scatter/gather between stages sends 1/t and changes no result", "[gpt]") {
   const gpt::model_config c = grid_model();
   const gpt::data_source data(gpt::synthetic_language(c.vocab, 4, 1.0, 11));
-  gpt::train_options o;
-  o.model = c;
-  o.steps = 2;
-  o.adam.lr = 1e-2;
+  gpt::train_options o = comparison_options(c, 2);  // microbatches set per variant
   const auto n = static_cast<std::int64_t>(c.hidden) * c.tokens();
   struct variant {
     int tensor, data, pipeline;
