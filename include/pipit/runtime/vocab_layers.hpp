@@ -74,6 +74,7 @@
 #include "pipit/vocab/loss.hpp"
 #include "pipit/vocab/matrix_view.hpp"
 #include "pipit/vocab/output_layer.hpp"
+#include "pipit/vocab/shard_views.hpp"
 #include "pipit/vocab/shards.hpp"
 #include "pipit/vocab/softmax_stats.hpp"
 
@@ -121,20 +122,8 @@ class vocab_layers {
         head_(head),
         head_grad_(head_grad),
         options_(options) {
-    shards.check_rank(rank);
-    if (tokens <= 0) fail("pipit::runtime::vocab_layers: ", tokens, " tokens per microbatch");
-    if (hidden_ <= 0) fail("pipit::runtime::vocab_layers: hidden size ", hidden_, " <= 0");
-    const auto check = [&](auto v, const char* what) {
-      if (v.rows != shards.shard_size() || v.cols != hidden_)
-        fail("pipit::runtime::vocab_layers: ", what, " is ", v.rows, " x ", v.cols, ", expected ",
-             shards.shard_size(), " x ", hidden_, " (shard rows x hidden)");
-      if (v.ld() < v.cols || (v.data == nullptr && v.rows * v.cols > 0))
-        fail("pipit::runtime::vocab_layers: ", what, " has no data or a row stride below ", v.cols);
-    };
-    check(embedding, "the embedding shard");
-    check(embedding_grad, "the embedding gradient");
-    check(head, "the output-layer shard");
-    check(head_grad, "the output-layer gradient");
+    vocab::check_shard_views("pipit::runtime::vocab_layers", shards, rank, tokens, embedding,
+                             embedding_grad, head, head_grad);
     vocab::check_loss_inputs<acc_type>(shards, {}, options.loss, {});
   }
 
