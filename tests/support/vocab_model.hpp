@@ -398,6 +398,29 @@ double rel_error(const A& a, const B& b) {
   return static_cast<double>((a - b).cwiseAbs().maxCoeff()) / scale;
 }
 
+// Shard r of the token model's embedding and output layer: the initial rows in the shard's
+// real rows, zero padding rows, and zeroed gradients of the same shape.
+struct shard_tables {
+  range<std::int64_t> real;
+  std::int64_t rows = 0;
+  row_matrix<double> e, h, ge, gh;
+};
+inline shard_tables shard_tables_of(const token_model_config& cfg,
+                                    const vocab::vocab_shards& shards, int r) {
+  shard_tables t;
+  t.real = shards.real_range_of(r);
+  t.rows = shards.shard_size();
+  t.e = row_matrix<double>::Zero(t.rows, cfg.hidden);
+  t.h = t.ge = t.gh = t.e;
+  const auto e_full = embedding_table<double>(cfg);
+  const auto h_full = head_table<double>(cfg);
+  for (std::int64_t i = 0; i < t.real.size(); ++i) {
+    t.e.row(i) = e_full.row(t.real.begin + i);
+    t.h.row(i) = h_full.row(t.real.begin + i);
+  }
+  return t;
+}
+
 // The error of one shard's embedding and output-layer gradients (ge, gh: shard rows x hidden,
 // the real rows `real` first, then padding) against the reference's whole gradients, relative to
 // each whole tensor's largest value; 1 when a padding row got a gradient.
@@ -432,15 +455,7 @@ double train_vocab_rank(Comm& comm, const schedule::plan& plan, const token_mode
   const int r = comm.rank();
   token_mlp_stage<double> stage(cfg, plan, r);
   const vocab::vocab_shards shards(cfg.vocab, plan.rank_count());
-  const auto real = shards.real_range_of(r);
-  const std::int64_t rows = shards.shard_size(), n = real.size();
-  row_matrix<double> e = row_matrix<double>::Zero(rows, cfg.hidden), h = e, ge = e, gh = e;
-  const auto e_full = embedding_table<double>(cfg);
-  const auto h_full = head_table<double>(cfg);
-  for (std::int64_t i = 0; i < n; ++i) {
-    e.row(i) = e_full.row(real.begin + i);
-    h.row(i) = h_full.row(real.begin + i);
-  }
+  auto [real, rows, e, h, ge, gh] = shard_tables_of(cfg, shards, r);
   runtime::vocab_layers<Alg, double, 4> layers(
       shards, r, cfg.tokens, {e.data(), rows, cfg.hidden}, {ge.data(), rows, cfg.hidden},
       {h.data(), rows, cfg.hidden}, {gh.data(), rows, cfg.hidden}, {cfg.loss});
@@ -489,15 +504,7 @@ double train_grid_rank(tp::process_grid<Comm>& grid, const schedule::plan& plan,
   const int replicas = grid.shape().data, r = vc.rank(), ranks = vc.size();
   token_mlp_stage<double> stage(cfg, plan, pr);
   const vocab::vocab_shards shards(cfg.vocab, ranks);
-  const auto real = shards.real_range_of(r);
-  const std::int64_t rows = shards.shard_size(), n = real.size();
-  row_matrix<double> e = row_matrix<double>::Zero(rows, cfg.hidden), h = e, ge = e, gh = e;
-  const auto e_full = embedding_table<double>(cfg);
-  const auto h_full = head_table<double>(cfg);
-  for (std::int64_t i = 0; i < n; ++i) {
-    e.row(i) = e_full.row(real.begin + i);
-    h.row(i) = h_full.row(real.begin + i);
-  }
+  auto [real, rows, e, h, ge, gh] = shard_tables_of(cfg, shards, r);
   runtime::vocab_layers<Alg, double, 4> layers(
       shards, r, cfg.tokens, {e.data(), rows, cfg.hidden}, {ge.data(), rows, cfg.hidden},
       {h.data(), rows, cfg.hidden}, {gh.data(), rows, cfg.hidden}, {cfg.loss});

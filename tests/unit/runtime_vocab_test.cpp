@@ -303,15 +303,8 @@ TEST_CASE("2 data-parallel x 2 pipeline ranks with vocabulary layers train like 
     threads data = world.split(pr, replica);
     token_mlp_stage<double> stage(cfg, plan, pr);
     const v::vocab_shards shards(cfg.vocab, 2);
-    const auto real = shards.real_range_of(pr);
-    const std::int64_t rows = shards.shard_size(), n = real.size();
-    row_matrix<double> e = row_matrix<double>::Zero(rows, cfg.hidden), h = e, ge = e, gh = e;
-    const auto e_full = pipit::testing::embedding_table<double>(cfg);
-    const auto h_full = pipit::testing::head_table<double>(cfg);
-    for (std::int64_t i = 0; i < n; ++i) {
-      e.row(i) = e_full.row(real.begin + i);
-      h.row(i) = h_full.row(real.begin + i);
-    }
+    auto [real, rows, e, h, ge, gh] = pipit::testing::shard_tables_of(cfg, shards, pr);
+    const std::int64_t n = real.size();
     rt::vocab_layers<v::one_barrier, double> layers(
         shards, pr, cfg.tokens, {e.data(), rows, cfg.hidden}, {ge.data(), rows, cfg.hidden},
         {h.data(), rows, cfg.hidden}, {gh.data(), rows, cfg.hidden}, {cfg.loss});
